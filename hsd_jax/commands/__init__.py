@@ -1,0 +1,1 @@
+"""One module per `hsd-jax` subcommand; each defines `register(subparsers)`."""
