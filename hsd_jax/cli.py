@@ -11,12 +11,10 @@ import argparse
 import importlib
 import sys
 
+from hsd_jax.errors import HsdError
+
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = ("generate", "schedule", "train", "bench")
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (HsdError, FileNotFoundError) as err:
         print(f"hsd-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,9 @@
+"""The one exception type for bad user input."""
+
+
+class HsdError(ValueError):
+    """Bad input (a path, a spec, a checkpoint, a dataset field...).
+
+    The message names the problem and how to fix it; the CLI prints it as one
+    line instead of a traceback.
+    """
