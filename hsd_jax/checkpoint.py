@@ -1,0 +1,268 @@
+"""Hugging Face checkpoints <-> stacked JAX parameter pytrees.
+
+`load` reads a local folder or a hub id the way transformers does (config.json plus
+model.safetensors, sharded safetensors, or pytorch_model.bin); `save_pretrained`
+writes a folder that transformers loads back. The per-family name maps live in the
+family modules (`LAYER_WEIGHTS`, `GLOBAL_WEIGHTS`, `TRANSPOSED`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsd_jax.errors import HsdError
+from hsd_jax.models import FAMILIES, ModelConfig, family, forward
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class LanguageModel:
+    """A loaded causal LM: its config, stacked parameters and (optional) tokenizer."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    hf_config: dict = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    def forward(self, input_ids, attention_mask=None) -> jax.Array:
+        """float32 logits (B, T, V) from all layers; positions follow the mask."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise HsdError(f"input_ids must be (batch, time), got shape {tuple(ids.shape)}")
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+        return _jit_forward(self.params, self.config, ids, mask)
+
+
+def _forward_logits(params, config, ids, mask):
+    return forward(params, config, ids, mask)[0]
+
+
+_jit_forward = jax.jit(_forward_logits, static_argnums=1)
+
+
+def _resolve_folder(model: str | os.PathLike) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = os.path.isabs(str(model)) or str(model).startswith((".", "~")) or str(model).count("/") > 1
+    if looks_local or path.exists():
+        raise HsdError(f"model folder {str(model)!r} does not exist (or is not a folder); "
+                       "pass a Hugging Face model folder or a hub id like 'gpt2'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            str(model),
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"],
+        ))
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        raise HsdError(f"could not fetch {str(model)!r} from the Hugging Face hub ({type(err).__name__}: "
+                       f"{err}); check the id, your network, or pass a local folder") from err
+
+
+def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """All weights of a folder as numpy arrays, whatever the format."""
+    st = folder / "model.safetensors"
+    st_index = folder / "model.safetensors.index.json"
+    pt = folder / "pytorch_model.bin"
+    pt_index = folder / "pytorch_model.bin.index.json"
+    if st.exists():
+        files = [st]
+    elif st_index.exists():
+        files = sorted({folder / f for f in _read_json(st_index)["weight_map"].values()})
+    elif pt.exists():
+        files = [pt]
+    elif pt_index.exists():
+        files = sorted({folder / f for f in _read_json(pt_index)["weight_map"].values()})
+    else:
+        raise HsdError(f"{folder} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        if not f.exists():
+            raise HsdError(f"weight shard {f} named in the index is missing")
+        try:
+            tensors.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_torch(f))
+        except HsdError:
+            raise
+        except Exception as err:  # noqa: BLE001 - corrupt files raise anything
+            raise HsdError(f"cannot read weights from {f}: the file looks corrupt or truncated "
+                           f"({type(err).__name__}: {err})") from err
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    # The "flax" reader also handles bfloat16, which plain numpy cannot represent.
+    with safe_open(str(path), framework="flax") as f:
+        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise HsdError(f"{path} is a PyTorch checkpoint and reading it needs torch: "
+                       "pip install torch, or convert the folder to safetensors") from err
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HsdError(f"cannot read {path}: {err}") from err
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jnp.float32):
+    """Maps checkpoint names to the stacked pytree, transposing and checking shapes."""
+    fam = family(config)
+    if fam.OPTIONAL_PREFIX:  # accept both "transformer.wte.weight" and "wte.weight"
+        tensors = {k if k.startswith(fam.OPTIONAL_PREFIX) or k.startswith("lm_head") else
+                   fam.OPTIONAL_PREFIX + k: v for k, v in tensors.items()}
+    params: dict = {}
+    missing = []
+
+    def take(name: str, suffix: str):
+        if name not in tensors:
+            missing.append(name)
+            return None
+        value = np.asarray(tensors[name])
+        return value.T if suffix in fam.TRANSPOSED else value
+
+    for name, path in fam.GLOBAL_WEIGHTS.items():
+        value = take(name, name)
+        if value is not None:
+            _set(params, path, value)
+    for suffix, path in fam.LAYER_WEIGHTS.items():
+        per_layer = [take(fam.LAYER_PREFIX.format(i) + suffix, suffix) for i in range(config.num_layers)]
+        if all(v is not None for v in per_layer):
+            shapes = {v.shape for v in per_layer}
+            if len(shapes) != 1:
+                raise HsdError(f"weight {suffix!r} has different shapes across layers: {sorted(shapes)}")
+            _set(params, ("layers", *path), np.stack(per_layer))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise HsdError(f"checkpoint is missing weights: {shown}")
+    for path, shape in fam.expected_shapes(config).items():
+        node = params
+        for key in path:
+            node = node[key]
+        if tuple(node.shape) != tuple(shape):
+            raise HsdError(f"weight {'/'.join(path)} has shape {tuple(node.shape)} but the config "
+                           f"implies {tuple(shape)}: the weights do not belong to this config.json")
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def tensors_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse map: checkpoint names -> numpy arrays, in the layout transformers expects."""
+    fam = family(config)
+    params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
+
+    def get(path):
+        node = params
+        for key in path:
+            node = node[key]
+        return node
+
+    out = {}
+    for name, path in fam.GLOBAL_WEIGHTS.items():
+        value = get(path)
+        out[name] = np.ascontiguousarray(value.T if name in fam.TRANSPOSED else value)
+    for suffix, path in fam.LAYER_WEIGHTS.items():
+        stacked = get(("layers", *path))
+        for i in range(config.num_layers):
+            value = stacked[i]
+            out[fam.LAYER_PREFIX.format(i) + suffix] = np.ascontiguousarray(
+                value.T if suffix in fam.TRANSPOSED else value)
+    return out
+
+
+def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True) -> LanguageModel:
+    """Loads a Hugging Face GPT-2 or Phi checkpoint (local folder or hub id).
+
+    >>> lm = hsd_jax.load("gpt2")                      # doctest: +SKIP
+    >>> logits = lm.forward(ids, attention_mask=mask)  # doctest: +SKIP
+    """
+    if dtype not in _DTYPES:
+        raise HsdError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    folder = _resolve_folder(model)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise HsdError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    hf = _read_json(config_path)
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise HsdError(f"model_type {model_type!r} in {config_path} is not supported; "
+                       f"hsd-jax runs {' and '.join(sorted(FAMILIES))} checkpoints")
+    fam = FAMILIES[model_type]
+    try:
+        config = fam.config_from_hf(hf)
+    except KeyError as err:
+        raise HsdError(f"{config_path} lacks the key {err} that a {model_type} config needs") from err
+    unsupported = fam.check_supported(hf)
+    if unsupported:
+        raise HsdError(f"{config_path} uses options hsd-jax does not implement: {', '.join(unsupported)}")
+    params = params_from_tensors(_read_tensors(folder), config, _DTYPES[dtype])
+    tok = _load_tokenizer(folder) if tokenizer else None
+    return LanguageModel(config=config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
+
+
+def _load_tokenizer(folder: Path):
+    has_files = any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    if not has_files:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def save_pretrained(lm: LanguageModel, folder: str | os.PathLike) -> Path:
+    """Writes `lm` as a Hugging Face folder (config.json, model.safetensors, tokenizer).
+
+    Files are written to a temporary name and renamed, so a crash never leaves a
+    half-written model.safetensors behind.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = tensors_from_params(lm.params, lm.config)
+    hf = dict(lm.hf_config)
+    hf["torch_dtype"] = "float32"
+    _atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,134 @@
+"""GPT-2 (`GPT2LMHeadModel`) as pure functions over a stacked parameter pytree.
+
+Parameter names mirror the Hugging Face checkpoint. GPT-2's `Conv1D` already stores
+its weight as (in, out), so unlike `nn.Linear` nothing needs transposing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hsd_jax.models.common import (
+    ACTIVATIONS,
+    Context,
+    ModelConfig,
+    attend,
+    dense,
+    layer_norm,
+    merge_heads,
+    split_heads,
+)
+
+# Checkpoint name (after "transformer.h.{i}.") -> path in our per-layer pytree.
+LAYER_WEIGHTS = {
+    "ln_1.weight": ("ln_1", "scale"),
+    "ln_1.bias": ("ln_1", "bias"),
+    "attn.c_attn.weight": ("attn", "c_attn", "kernel"),
+    "attn.c_attn.bias": ("attn", "c_attn", "bias"),
+    "attn.c_proj.weight": ("attn", "c_proj", "kernel"),
+    "attn.c_proj.bias": ("attn", "c_proj", "bias"),
+    "ln_2.weight": ("ln_2", "scale"),
+    "ln_2.bias": ("ln_2", "bias"),
+    "mlp.c_fc.weight": ("mlp", "c_fc", "kernel"),
+    "mlp.c_fc.bias": ("mlp", "c_fc", "bias"),
+    "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"),
+    "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
+}
+GLOBAL_WEIGHTS = {
+    "transformer.wte.weight": ("wte",),
+    "transformer.wpe.weight": ("wpe",),
+    "transformer.ln_f.weight": ("ln_f", "scale"),
+    "transformer.ln_f.bias": ("ln_f", "bias"),
+}
+LAYER_PREFIX = "transformer.h.{}."
+# The original OpenAI checkpoints on the hub name weights without "transformer.".
+OPTIONAL_PREFIX = "transformer."
+TRANSPOSED: frozenset[str] = frozenset()  # Conv1D weights are already (in, out)
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    d = hf["n_embd"]
+    return ModelConfig(
+        model_type="gpt2",
+        num_layers=hf["n_layer"],
+        num_heads=hf["n_head"],
+        hidden_size=d,
+        intermediate_size=hf.get("n_inner") or 4 * d,
+        vocab_size=hf["vocab_size"],
+        max_position=hf["n_positions"],
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=hf.get("activation_function", "gelu_new"),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def check_supported(hf: dict) -> list[str]:
+    """Config options this port does not implement (each would silently change outputs)."""
+    problems = []
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        problems.append("scale_attn_by_inverse_layer_idx=True")
+    if hf.get("scale_attn_weights") is False:
+        problems.append("scale_attn_weights=False")
+    if hf.get("add_cross_attention"):
+        problems.append("add_cross_attention=True")
+    return problems
+
+
+def expected_shapes(c: ModelConfig) -> dict[tuple, tuple]:
+    d, f = c.hidden_size, c.intermediate_size
+    shapes = {
+        ("wte",): (c.vocab_size, d),
+        ("wpe",): (c.max_position, d),
+        ("ln_f", "scale"): (d,),
+        ("ln_f", "bias"): (d,),
+    }
+    per_layer = {
+        ("ln_1", "scale"): (d,), ("ln_1", "bias"): (d,),
+        ("attn", "c_attn", "kernel"): (d, 3 * d), ("attn", "c_attn", "bias"): (3 * d,),
+        ("attn", "c_proj", "kernel"): (d, d), ("attn", "c_proj", "bias"): (d,),
+        ("ln_2", "scale"): (d,), ("ln_2", "bias"): (d,),
+        ("mlp", "c_fc", "kernel"): (d, f), ("mlp", "c_fc", "bias"): (f,),
+        ("mlp", "c_proj", "kernel"): (f, d), ("mlp", "c_proj", "bias"): (d,),
+    }
+    shapes.update({("layers", *k): (c.num_layers, *v) for k, v in per_layer.items()})
+    return shapes
+
+
+def embed(params, tokens, positions, c: ModelConfig):
+    return params["wte"][tokens] + params["wpe"][positions]  # (B, T, D)
+
+
+def _qkv(p, x, c: ModelConfig):
+    h = layer_norm(p["ln_1"], x, c.layer_norm_eps)
+    q, k, v = jnp.split(dense(p["attn"]["c_attn"], h), 3, axis=-1)
+    return split_heads(q, c.num_heads), split_heads(k, c.num_heads), split_heads(v, c.num_heads)
+
+
+def kv(p, x, ctx: Context, c: ModelConfig):
+    """Only the keys/values a layer would cache for input `x` (state propagation)."""
+    h = layer_norm(p["ln_1"], x, c.layer_norm_eps)
+    d = c.hidden_size
+    w = p["attn"]["c_attn"]
+    kv_ = h @ w["kernel"][:, d:] + w["bias"][d:]
+    k, v = jnp.split(kv_, 2, axis=-1)
+    return split_heads(k, c.num_heads), split_heads(v, c.num_heads)
+
+
+def block(p, x, ctx: Context, c: ModelConfig, cache_k=None, cache_v=None):
+    """One transformer layer: returns the new hidden state (B, T, D) and its K, V."""
+    q, k, v = _qkv(p, x, c)
+    a = merge_heads(attend(q, k, v, ctx, cache_k, cache_v))
+    x = x + dense(p["attn"]["c_proj"], a)
+    h = layer_norm(p["ln_2"], x, c.layer_norm_eps)
+    x = x + dense(p["mlp"]["c_proj"], ACTIVATIONS[c.activation](dense(p["mlp"]["c_fc"], h)))
+    return x, k, v
+
+
+def head(params, x, c: ModelConfig):
+    """Final LayerNorm and the tied LM head; float32 logits (B, T, V)."""
+    h = layer_norm(params["ln_f"], x, c.layer_norm_eps)
+    return jnp.einsum("btd,vd->btv", h, params["wte"], preferred_element_type=jnp.float32)
