@@ -17,11 +17,9 @@ import jax.numpy as jnp
 
 from hsd_jax.models import gpt2, phi
 from hsd_jax.models.common import Context, KVCache, ModelConfig, layer_slice
+from hsd_jax.schedules import PROPAGATE, RUN, SKIP  # what a decode step does with a layer
 
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "phi": phi}
-
-# What a decode step does with one layer (the schedule compiler's op codes).
-RUN, PROPAGATE, SKIP = 0, 1, 2
 
 
 def family(config: ModelConfig) -> ModuleType:

@@ -1,0 +1,288 @@
+"""`generate`: prefill, then a decode loop whose layers follow a schedule.
+
+One loop, three ways to run it (the same tokens from each):
+
+- ``compiled``: one jitted program; the schedule's op table (RUN / PROPAGATE / SKIP
+  per step and layer) is an *argument*, and each layer is a `lax.switch` on its op,
+  so any schedule of the same shape reuses the compiled program.
+- ``static``: the schedule is baked in. Consecutive steps with the same ops form a
+  segment, and each segment is its own `while_loop` containing only its layers: no
+  per-layer conditionals at all (on GPU every `cond` costs a host sync).
+- ``eager``: a plain Python loop over steps and layers, calling the same layer
+  primitive op by op — the reference the compiled forms are checked against.
+
+CALM plugs into the same loop with a step that decides its exit at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsd_jax.checkpoint import LanguageModel
+from hsd_jax.errors import HsdError
+from hsd_jax.models import RUN, KVCache, ModelConfig, decode_step, forward
+from hsd_jax.schedules import CalmConfig, Schedule, resolve
+from hsd_jax.search import make_search
+
+MODES = ("compiled", "static", "eager")
+_DEFAULT = object()  # "the model's own EOS"; None means "never stop early"
+
+
+@dataclasses.dataclass
+class Generation:
+    """What `generate` returns; one entry per input in each list."""
+
+    sequences: list[list[int]]  # new tokens of the best beam, cut after the first EOS (kept)
+    layers_per_token: list[list[int]]  # layers run to produce each of those tokens
+    texts: list[str] | None  # decoded `sequences`, when the model has a tokenizer
+    schedule: str  # canonical spec of the schedule used
+    mode: str
+    num_beams: int
+    compile_seconds: float  # 0.0 when the program came from the cache
+    decode_seconds: float  # prefill + decode loop, compile excluded
+    num_steps: int  # tokens generated per row before the batch stopped
+
+    @property
+    def avg_layers(self) -> float:
+        """METHOD.md's Avg. Layer: mean layers per generated token, over all inputs."""
+        total = sum(len(s) for s in self.layers_per_token)
+        return float(sum(map(sum, self.layers_per_token)) / total) if total else float("nan")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def generate(
+    lm: LanguageModel,
+    input_ids: Sequence[Sequence[int]] | np.ndarray | None = None,
+    prompts: Sequence[str] | str | None = None,
+    *,
+    schedule: str | Schedule | CalmConfig | np.ndarray = "vanilla",
+    num_beams: int = 1,
+    max_new_tokens: int = 64,
+    mode: str = "compiled",
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token_id: int | None | Any = _DEFAULT,
+    pad_token_id: int | None = None,
+) -> Generation:
+    """Decodes a batch of prompts under a layer-skip schedule.
+
+    `input_ids` is a list of token lists (ragged is fine: rows are left-padded inside)
+    or `prompts` a list of strings for the model's tokenizer. `schedule` takes a spec
+    ("vanilla", "hsd:s=1,min=0,max=20", "skipdecode:min=10,max=20", "calm:lambda=0.02",
+    a preset name, a .npy path) or a `Schedule`. Greedy when `num_beams == 1`, else
+    beam search; both match transformers' `generate(do_sample=False, ...)`.
+    """
+    rows = _prompt_rows(lm, input_ids, prompts)
+    if mode not in MODES:
+        raise HsdError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise HsdError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise HsdError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if early_stopping not in (True, False, "never"):
+        raise HsdError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    config = lm.config
+    eos = config.eos_token_id if eos_token_id is _DEFAULT else eos_token_id
+    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
+                                                         else (eos if eos is not None else 0))
+    sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
+    ids, mask = _left_pad(rows, pad)
+    cache_len = ids.shape[1] + max_new_tokens
+    if config.model_type == "gpt2" and cache_len > config.max_position:
+        raise HsdError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
+                       f"the model's {config.max_position} positions; shorten the prompt or max_new_tokens")
+    ids, mask = np.repeat(ids, num_beams, axis=0), np.repeat(mask, num_beams, axis=0)
+    search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                         pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
+
+    run, args, compile_seconds = _program(lm, sched, search, mode, ids.shape, cache_len)
+    start = time.perf_counter()
+    tokens, step_layers, steps = jax.block_until_ready(run(lm.params, jnp.asarray(ids), jnp.asarray(mask), *args))
+    decode_seconds = time.perf_counter() - start
+
+    tokens, step_layers, steps = np.asarray(tokens), np.asarray(step_layers), int(steps)
+    sequences, layers = [], []
+    for row in tokens:
+        n = _length(row[:steps], eos)
+        sequences.append(row[:n].tolist())
+        layers.append(step_layers[:n].tolist())
+    texts = None
+    if lm.tokenizer is not None:
+        texts = [lm.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+    return Generation(sequences=sequences, layers_per_token=layers, texts=texts, schedule=sched.spec, mode=mode,
+                      num_beams=num_beams, compile_seconds=compile_seconds, decode_seconds=decode_seconds,
+                      num_steps=steps)
+
+
+def _length(row: np.ndarray, eos: int | None) -> int:
+    """Tokens up to and including the first EOS (all of them if none)."""
+    if eos is not None:
+        hits = np.flatnonzero(row == eos)
+        if hits.size:
+            return int(hits[0]) + 1
+    return len(row)
+
+
+def _prompt_rows(lm: LanguageModel, input_ids, prompts) -> list[list[int]]:
+    if (input_ids is None) == (prompts is None):
+        raise HsdError("pass exactly one of input_ids (token lists) or prompts (strings)")
+    if prompts is not None:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if lm.tokenizer is None:
+            raise HsdError(f"{lm.source or 'this model'} has no tokenizer; pass input_ids instead of prompts, "
+                           "or load a folder with tokenizer files")
+        rows = [lm.tokenizer.encode(p) for p in prompts]
+    else:
+        rows = [list(map(int, r)) for r in np.asarray(input_ids, dtype=object).tolist()] if isinstance(
+            input_ids, np.ndarray) else [list(map(int, r)) for r in input_ids]
+    if not rows:
+        raise HsdError("no prompts given")
+    for i, r in enumerate(rows):
+        if not r:
+            raise HsdError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in r if not 0 <= t < lm.config.vocab_size]
+        if bad:
+            raise HsdError(f"prompt {i} has token ids outside the vocabulary [0, {lm.config.vocab_size}): {bad[:5]}")
+    return rows
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = True
+    return ids, mask
+
+
+# --- the decode loop ------------------------------------------------------------------
+
+# A step function: (params, last tokens (R,), cache, decode step t) -> (logits (R, V), cache, layers run).
+StepFn = Callable[[Any, jax.Array, KVCache, Any], tuple[jax.Array, KVCache, jax.Array]]
+
+
+def _dtype(params):
+    return jax.tree.leaves(params)[0].dtype
+
+
+def _prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
+    cache = KVCache.init(config, ids.shape[0], cache_len, _dtype(params))
+    logits, cache = forward(params, config, ids, mask, cache)
+    state = search.update(search.init(cache, ids.shape[0]), logits[:, -1])
+    step_layers = jnp.zeros((search.max_new_tokens,), jnp.int32).at[0].set(config.num_layers)
+    return state, step_layers
+
+
+def _loop(params, search, state, step_layers, step: StepFn, until: int | None = None):
+    """Decode steps while the search is not done (and, if given, step < `until`)."""
+
+    def cond(carry):
+        state, _ = carry
+        more = ~search.done(state)
+        return more if until is None else more & (state.i - 1 < until)
+
+    def body(carry):
+        state, step_layers = carry
+        t = state.i - 1  # decode step t consumes token t and produces token t + 1
+        logits, cache, n = step(params, search.last_tokens(state), state.cache, t)
+        state = search.update(state.replace(cache=cache), logits)
+        return state, step_layers.at[t + 1].set(n)
+
+    return jax.lax.while_loop(cond, body, (state, step_layers))
+
+
+def _finish(search, state, step_layers):
+    return search.best(state), step_layers, state.i
+
+
+def _schedule_step(config: ModelConfig, ops_of: Callable[[Any], Any]) -> StepFn:
+    """A decode step that runs the layer ops the schedule gives for step t."""
+
+    def step(params, tokens, cache, t):
+        ops = ops_of(t)
+        logits, cache = decode_step(params, config, tokens, cache, ops)
+        n = sum(op == RUN for op in ops) if isinstance(ops, tuple) else jnp.sum(ops == RUN)
+        return logits, cache, jnp.asarray(n, jnp.int32)
+
+    return step
+
+
+_PROGRAMS: dict = {}  # compiled executables, keyed by everything that shapes the program
+
+
+def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int):
+    """Returns (run, extra args, compile seconds) for this schedule, search and mode."""
+    config = lm.config
+    if isinstance(sched, CalmConfig):
+        from hsd_jax.calm import calm_program  # the dynamic variant lives with CALM
+
+        return calm_program(lm, sched, search, mode, shape, cache_len, _PROGRAMS)
+
+    table = sched.layer_ops()
+    if mode == "eager":
+        return _eager(config, search, table, cache_len), (), 0.0
+
+    if mode == "compiled":
+        def run(params, ids, mask, ops):
+            state, layers = _prefill(params, config, search, ids, mask, cache_len)
+            state, layers = _loop(params, search, state, layers, _schedule_step(config, lambda t: ops[t]))
+            return _finish(search, state, layers)
+
+        key = ("compiled", config, _dtype(lm.params), search, shape, cache_len, table.shape)
+        args = (jnp.asarray(table, jnp.int32),)
+    else:  # static: the segments are part of the program
+        segments = tuple((start, stop, tuple(int(op) for op in row)) for start, stop, row in sched.segments())
+
+        def run(params, ids, mask):
+            state, layers = _prefill(params, config, search, ids, mask, cache_len)
+            for start, stop, ops in segments:
+                step = _schedule_step(config, lambda t, ops=ops: ops)
+                state, layers = _loop(params, search, state, layers, step, until=stop)
+            return _finish(search, state, layers)
+
+        key = ("static", config, _dtype(lm.params), search, shape, cache_len, segments)
+        args = ()
+    return _compile(key, run, lm.params, shape, args)
+
+
+def _compile(key, run, params, shape, args):
+    if key in _PROGRAMS:
+        return _PROGRAMS[key], args, 0.0
+    start = time.perf_counter()
+    ids = jax.ShapeDtypeStruct(shape, jnp.int32)
+    mask = jax.ShapeDtypeStruct(shape, jnp.bool_)
+    compiled = jax.jit(run).lower(params, ids, mask, *args).compile()
+    _PROGRAMS[key] = compiled
+    return compiled, args, time.perf_counter() - start
+
+
+def _eager(config: ModelConfig, search, table: np.ndarray, cache_len: int):
+    """The reference: Python control flow over steps and layers, no jit around them."""
+
+    def run(params, ids, mask):
+        state, layers = _prefill(params, config, search, ids, mask, cache_len)
+        layers = np.array(layers)  # writable host copy
+        while not bool(search.done(state)):
+            t = int(state.i) - 1
+            ops = tuple(int(op) for op in table[t])
+            logits, cache = decode_step(params, config, search.last_tokens(state), state.cache, ops)
+            state = search.update(state.replace(cache=cache), logits)
+            layers[t + 1] = sum(op == RUN for op in ops)
+        return search.best(state), jnp.asarray(layers), state.i
+
+    return run
