@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsd_jax.errors import HsdError
+from hsd_jax.io import atomic_path, write_json
 from hsd_jax.models import FAMILIES, ModelConfig, family, forward
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -250,19 +250,10 @@ def save_pretrained(lm: LanguageModel, folder: str | os.PathLike) -> Path:
     tensors = tensors_from_params(lm.params, lm.config)
     hf = dict(lm.hf_config)
     hf["torch_dtype"] = "float32"
-    _atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(folder / "config.json", hf)
     if lm.tokenizer is not None:
         lm.tokenizer.save_pretrained(str(folder))
     return folder
 
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -76,6 +76,7 @@ def generate(
     early_stopping: bool | str = False,
     eos_token_id: int | None | Any = _DEFAULT,
     pad_token_id: int | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> Generation:
     """Decodes a batch of prompts under a layer-skip schedule.
 
@@ -84,6 +85,8 @@ def generate(
     ("vanilla", "hsd:s=1,min=0,max=20", "skipdecode:min=10,max=20", "calm:lambda=0.02",
     a preset name, a .npy path) or a `Schedule`. Greedy when `num_beams == 1`, else
     beam search; both match transformers' `generate(do_sample=False, ...)`.
+    `pad_to_multiple_of` left-pads prompts to a multiple of that width, so batches of
+    similar length share one compiled program (padding never changes the output).
     """
     rows = _prompt_rows(lm, input_ids, prompts)
     if mode not in MODES:
@@ -99,7 +102,7 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
                                                          else (eos if eos is not None else 0))
     sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
-    ids, mask = _left_pad(rows, pad)
+    ids, mask = _left_pad(rows, pad, pad_to_multiple_of, limit=config.max_position - max_new_tokens)
     cache_len = ids.shape[1] + max_new_tokens
     if config.model_type == "gpt2" and cache_len > config.max_position:
         raise HsdError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
@@ -160,8 +163,13 @@ def _prompt_rows(lm: LanguageModel, input_ids, prompts) -> list[list[int]]:
     return rows
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, rows))
+def _left_pad(rows: list[list[int]], pad: int, multiple: int = 1, limit: int | None = None):
+    """(ids, mask) arrays, left-padded to the longest row rounded up to `multiple`
+    (but not past `limit`, the widest prompt that still fits the positions)."""
+    longest = max(map(len, rows))
+    width = -(-longest // multiple) * multiple
+    if limit is not None:
+        width = max(longest, min(width, limit))
     ids = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, r in enumerate(rows):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from hsd_jax.errors import HsdError
+from hsd_jax.io import atomic_path
 
 # Text heat map cells, indexed by hsd_jax.schedules RUN / PROPAGATE / SKIP.
 CELLS = ("█", "▒", "·")
@@ -130,7 +129,6 @@ def _plot(sched, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A bare Figure with the Agg canvas: no pyplot, so no global backend is touched.
     fig = Figure(figsize=(max(4.0, sched.num_layers * 0.18), max(3.0, min(sched.max_new_tokens, 200) * 0.06)))
     FigureCanvasAgg(fig)
@@ -143,11 +141,5 @@ def _plot(sched, path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("decode step")
     ax.set_title(f"{sched.name}: {sched.avg_layers:.2f} layers/step")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
