@@ -68,6 +68,7 @@ def generate(
     input_ids: Sequence[Sequence[int]] | np.ndarray | None = None,
     prompts: Sequence[str] | str | None = None,
     *,
+    attention_mask: np.ndarray | None = None,
     schedule: str | Schedule | CalmConfig | np.ndarray = "vanilla",
     num_beams: int = 1,
     max_new_tokens: int = 64,
@@ -80,15 +81,16 @@ def generate(
 ) -> Generation:
     """Decodes a batch of prompts under a layer-skip schedule.
 
-    `input_ids` is a list of token lists (ragged is fine: rows are left-padded inside)
-    or `prompts` a list of strings for the model's tokenizer. `schedule` takes a spec
+    `input_ids` is a list of token lists (ragged is fine: rows are left-padded inside),
+    or a padded array with its `attention_mask`; or `prompts`, strings for the model's
+    tokenizer. `schedule` takes a spec
     ("vanilla", "hsd:s=1,min=0,max=20", "skipdecode:min=10,max=20", "calm:lambda=0.02",
     a preset name, a .npy path) or a `Schedule`. Greedy when `num_beams == 1`, else
     beam search; both match transformers' `generate(do_sample=False, ...)`.
     `pad_to_multiple_of` left-pads prompts to a multiple of that width, so batches of
     similar length share one compiled program (padding never changes the output).
     """
-    rows = _prompt_rows(lm, input_ids, prompts)
+    rows = _prompt_rows(lm, input_ids, prompts, attention_mask)
     if mode not in MODES:
         raise HsdError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     if not isinstance(num_beams, int) or num_beams < 1:
@@ -139,7 +141,7 @@ def _length(row: np.ndarray, eos: int | None) -> int:
     return len(row)
 
 
-def _prompt_rows(lm: LanguageModel, input_ids, prompts) -> list[list[int]]:
+def _prompt_rows(lm: LanguageModel, input_ids, prompts, attention_mask=None) -> list[list[int]]:
     if (input_ids is None) == (prompts is None):
         raise HsdError("pass exactly one of input_ids (token lists) or prompts (strings)")
     if prompts is not None:
@@ -149,9 +151,10 @@ def _prompt_rows(lm: LanguageModel, input_ids, prompts) -> list[list[int]]:
             raise HsdError(f"{lm.source or 'this model'} has no tokenizer; pass input_ids instead of prompts, "
                            "or load a folder with tokenizer files")
         rows = [lm.tokenizer.encode(p) for p in prompts]
+    elif attention_mask is not None:  # a padded array: keep each row's real tokens
+        rows = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(np.asarray(input_ids), np.asarray(attention_mask))]
     else:
-        rows = [list(map(int, r)) for r in np.asarray(input_ids, dtype=object).tolist()] if isinstance(
-            input_ids, np.ndarray) else [list(map(int, r)) for r in input_ids]
+        rows = [[int(t) for t in r] for r in input_ids]
     if not rows:
         raise HsdError("no prompts given")
     for i, r in enumerate(rows):

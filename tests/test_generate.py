@@ -227,3 +227,14 @@ def test_bad_input(gpt2_dir, kwargs, message):
     lm = hsd_jax.load(gpt2_dir)
     with pytest.raises(HsdError, match=message):
         generate(lm, **kwargs)
+
+
+def test_padded_array_with_attention_mask_equals_ragged_lists(gpt2_dir):
+    lm = hsd_jax.load(gpt2_dir)
+    ids = np.zeros((len(PROMPTS), 9), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):  # right-padded, as a tokenizer might hand it over
+        ids[i, : len(p)], mask[i, : len(p)] = p, 1
+    a = generate(lm, input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    b = generate(lm, input_ids=PROMPTS, max_new_tokens=6, eos_token_id=None)
+    assert a.sequences == b.sequences
