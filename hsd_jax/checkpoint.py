@@ -64,10 +64,12 @@ def _resolve_folder(model: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            str(model),
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"],
-        ))
+        # Like transformers: safetensors when the repo has them, else the PyTorch weights.
+        common = ["*.json", "*.txt", "*.model", "vocab.*", "merges.txt"]
+        folder = Path(snapshot_download(str(model), allow_patterns=common + ["*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(str(model), allow_patterns=common + ["pytorch_model*.bin"]))
+        return folder
     except Exception as err:  # noqa: BLE001 - hub errors come in many types
         raise HsdError(f"could not fetch {str(model)!r} from the Hugging Face hub ({type(err).__name__}: "
                        f"{err}); check the id, your network, or pass a local folder") from err

@@ -161,3 +161,22 @@ def test_corrupt_weights(tmp_path, gpt2_dir):
 def test_bad_dtype(gpt2_dir):
     with pytest.raises(HsdError, match="dtype 'int8'"):
         hsd_jax.load(gpt2_dir, dtype="int8")
+
+
+def test_phi_config_in_the_older_flat_format(tmp_path, phi_dir):
+    """microsoft/phi-2's config.json keeps rotary settings at the top level."""
+    shutil.copytree(phi_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(partial_rotary_factor=rope["partial_rotary_factor"], rope_theta=rope["rope_theta"], rope_scaling=None)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    ids, mask = left_padded(ROWS)
+    old = hsd_jax.load(tmp_path / "m")
+    assert old.config == hsd_jax.load(phi_dir).config
+    assert rel_err(old.forward(ids, attention_mask=mask), torch_logits(phi_dir, ids, mask), mask) <= 1e-4
+
+
+def test_hub_id_that_cannot_be_fetched_gives_one_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HsdError, match="could not fetch 'no-such-user/no-such-model' from the Hugging Face hub"):
+        hsd_jax.load("no-such-user/no-such-model")
