@@ -1,0 +1,226 @@
+"""CALM (Schuster et al. 2022): early exit decided at run time inside the decode loop.
+
+Each decode step runs its layers in order. After every layer from the `min_exit`-th
+on, it measures the softmax response of the exited hidden state (top-1 minus top-2
+probability of `softmax(head(h))`) and exits once the least confident row of the
+batch (every beam of every input) reaches the step's threshold `λ_t`: one scalar
+decision per step, as in CALM's released t5x code. The layers above the exit run no
+attention or MLP, but their KV entries at this position are filled by state
+propagation (the family's `kv` of the exited hidden state), so later steps that run
+those layers attend to a complete cache. The token's logits are the exit layer's.
+
+Three forms over the same primitives (the family's `block`, `kv` and `head`):
+
+- compiled: the step is a `while_loop` over layers (the layer index is traced: a
+  `lax.switch` picks the layer's weights from per-layer buffers sliced once before
+  the decode loop, and its cache slot is read and written with a dynamic index),
+  followed by a `fori_loop` that propagates K/V for layers [exit, L). The
+  thresholds (N,) and `min_exit` are arguments, so every CALM setting reuses one
+  program per search and shape.
+- static: CALM has no schedule to bake in, so "static" runs the compiled program
+  (the same executable; its exit point is data dependent by nature).
+- eager: plain Python over steps and layers, deciding each exit on the host; the
+  reference the compiled loop is checked against (same tokens, same layers).
+
+Thresholds (METHOD.md): `λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1)` at decode step
+t, with two endpoint rules **(choice)** so that the extremes mean what a user expects:
+`λ = 0` exits as early as allowed at every step (the decay term alone would keep a
+threshold of up to 0.1), and `λ > 1`, or any step whose `λ_t` reaches the clip
+ceiling 1, never exits (a confidence of exactly 1 can only come from float rounding).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsd_jax.models import KVCache, ModelConfig, context, family
+from hsd_jax.models.common import layer_slice
+from hsd_jax.schedules import CalmConfig
+
+
+def step_thresholds(calm: CalmConfig, max_new_tokens: int) -> np.ndarray:
+    """(N,) float32 exit threshold of each decode step, endpoint rules applied.
+
+    A step exits when its confidence is >= its threshold; `inf` means it never exits.
+    """
+    if calm.lam == 0:
+        return np.zeros((max_new_tokens,), np.float32)
+    if calm.lam > 1:
+        return np.full((max_new_tokens,), np.inf, np.float32)
+    thr = calm.thresholds(max_new_tokens)
+    return np.where(thr >= 1.0, np.inf, thr).astype(np.float32)
+
+
+def confidence(logits: jax.Array) -> jax.Array:
+    """Softmax response of (R, V) logits: top-1 minus top-2 probability, (R,) float32.
+
+    Computed as (1 - exp(l2 - l1)) / sum(exp(l - l1)) from the two largest logits
+    l1 >= l2: two reductions instead of a `top_k` over the vocabulary (which costs
+    more than the LM head itself on CPU). Tied maxima give 0.
+    """
+    x = logits.astype(jnp.float32)
+    top = jnp.max(x, axis=-1, keepdims=True)  # (R, 1)
+    z = jnp.sum(jnp.exp(x - top), axis=-1)  # (R,)
+    first = jnp.argmax(x, axis=-1)[:, None]
+    second = jnp.max(jnp.where(jnp.arange(x.shape[-1]) == first, -jnp.inf, x), axis=-1)
+    return (1.0 - jnp.exp(second - top[:, 0])) / z
+
+
+def per_layer(params):
+    """`params` with `layers` as a tuple of per-layer pytrees (unchanged if it already is).
+
+    Done once outside the decode loop, so the steps read loop-invariant weight buffers:
+    slicing a layer out of the stacked (L, ...) arrays inside the loop makes XLA copy
+    that layer's weights at every use.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(layer_slice(layers, l) for l in range(n))}
+
+
+def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, min_exit):
+    """One decode step's layers with a data-dependent exit (traceable).
+
+    h: (R, 1, D) embedded tokens; threshold: () float32; min_exit: () int32, the
+    fewest layers the step runs. Returns the exit layer's (R, V) float32 logits, the
+    cache with every layer's K/V written at `cache.index` (run or propagated) and the
+    number of layers run, () int32. The layer index is traced: layer l's weights are
+    picked by a `lax.switch` over the per-layer parameters (see `per_layer`), and
+    its cache slot is read and written with dynamic indices outside the switch, so
+    no branch carries the cache.
+    """
+    fam = family(config)
+    num_layers = config.num_layers
+    layers = per_layer(params)["layers"]
+    blocks = [lambda h, ck, cv, p=p: fam.block(p, h, ctx, config, ck, cv) for p in layers]
+    kvs = [lambda h, p=p: fam.kv(p, h, ctx, config) for p in layers]
+
+    def run(l, h, cache):
+        h, k, v = jax.lax.switch(l, blocks, h, cache.k[l], cache.v[l])
+        return h, cache.write_layer(l, k, v)
+
+    # Layers below the first exit test: no head, no test.
+    h, cache = jax.lax.fori_loop(0, min_exit - 1, lambda l, c: run(l, *c), (h, cache))
+
+    def cond(carry):
+        return ~carry[-1]
+
+    def body(carry):
+        l, h, cache, _, _ = carry
+        h, cache = run(l, h, cache)
+        logits = fam.head(params, h, config)[:, -1]  # (R, V)
+        exit_ = (l + 1 >= num_layers) | (jnp.min(confidence(logits)) >= threshold)
+        return l + 1, h, cache, logits, exit_
+
+    rows = h.shape[0]
+    init = (jnp.asarray(min_exit - 1, jnp.int32), h, cache,
+            jnp.zeros((rows, config.vocab_size), jnp.float32), jnp.zeros((), bool))
+    n, h, cache, logits, _ = jax.lax.while_loop(cond, body, init)
+
+    # Layers above the exit: K/V from the exited hidden state (state propagation).
+    def propagate(l, cache):
+        k, v = jax.lax.switch(l, kvs, h)
+        return cache.write_layer(l, k, v)
+
+    cache = jax.lax.fori_loop(n, num_layers, propagate, cache)
+    return logits, cache, n
+
+
+def calm_step(config: ModelConfig, thresholds, min_exit):
+    """A decode-loop step (`hsd_jax.generate.StepFn`) that exits early, CALM style.
+
+    thresholds: (N,) float32 (traced or not), indexed by the decode step t.
+    """
+
+    def step(params, tokens, cache, t):
+        fam = family(config)
+        new_mask = jnp.ones((tokens.shape[0], 1), bool)
+        ctx = context(cache, new_mask)
+        h = fam.embed(params, tokens[:, None], ctx.positions, config)
+        logits, cache, n = calm_layers(params, config, h, ctx, cache, thresholds[t], min_exit)
+        return logits, cache.advance(new_mask), n
+
+    return step
+
+
+def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: float, min_exit: int):
+    """The reference step: Python over layers, the exit decided on the host.
+
+    Same contract as `calm_step`'s step; `threshold` is the step's float32 threshold.
+    """
+    fam = family(config)
+    new_mask = jnp.ones((tokens.shape[0], 1), bool)
+    ctx = context(cache, new_mask)
+    h = fam.embed(params, tokens[:, None], ctx.positions, config)
+    threshold = np.float32(threshold)
+    layers = per_layer(params)["layers"]
+    n, logits = config.num_layers, None
+    for l in range(config.num_layers):
+        h, k, v = fam.block(layers[l], h, ctx, config, cache.k[l], cache.v[l])
+        cache = cache.write_layer(l, k, v)
+        if l + 1 < min_exit:
+            continue
+        logits = fam.head(params, h, config)[:, -1]
+        if l + 1 == config.num_layers or bool(jnp.min(confidence(logits)) >= threshold):
+            n = l + 1
+            break
+    for l in range(n, config.num_layers):
+        k, v = fam.kv(layers[l], h, ctx, config)
+        cache = cache.write_layer(l, k, v)
+    return logits, cache.advance(new_mask), n
+
+
+def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int, programs: dict):
+    """(run, extra args, compile seconds) for a CALM decode, as `generate._program` wants.
+
+    "static" gets the compiled program (CALM has no schedule to bake in); "eager" the
+    host-side twin. The compiled program is keyed without lambda, tau or min_exit:
+    they are arguments, so changing them does not recompile.
+    """
+    g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
+
+    config = lm.config
+    thresholds = step_thresholds(calm, search.max_new_tokens)
+    if mode == "eager":
+        return _eager(config, search, thresholds, calm.min_exit, cache_len), (), 0.0
+
+    def run(params, ids, mask, thresholds, min_exit):
+        state, layers = g._prefill(params, config, search, ids, mask, cache_len)
+        step = calm_step(config, thresholds, min_exit)
+        state, layers = g._loop(per_layer(params), search, state, layers, step)
+        return g._finish(search, state, layers)
+
+    key = ("calm", config, g._dtype(lm.params), search, shape, cache_len)
+    args = (jnp.asarray(thresholds), jnp.asarray(calm.min_exit, jnp.int32))
+    if key in programs:
+        return programs[key], args, 0.0
+    start = time.perf_counter()
+    ids = jax.ShapeDtypeStruct(shape, jnp.int32)
+    mask = jax.ShapeDtypeStruct(shape, jnp.bool_)
+    programs[key] = jax.jit(run).lower(lm.params, ids, mask, *args).compile()
+    return programs[key], args, time.perf_counter() - start
+
+
+def _eager(config: ModelConfig, search, thresholds: np.ndarray, min_exit: int, cache_len: int):
+    g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
+
+    def run(params, ids, mask):
+        state, layers = g._prefill(params, config, search, ids, mask, cache_len)
+        layers = np.array(layers)  # writable host copy
+        params = per_layer(params)  # slice each layer's weights once, not at every step
+        while not bool(search.done(state)):
+            t = int(state.i) - 1
+            logits, cache, n = eager_step(params, config, search.last_tokens(state), state.cache,
+                                          thresholds[t], min_exit)
+            state = search.update(state.replace(cache=cache), logits)
+            layers[t + 1] = n
+        return search.best(state), jnp.asarray(layers), state.i
+
+    return run
