@@ -1,0 +1,361 @@
+"""Sequence-to-sequence data for decoder-only models: datasets, prompt format, batches.
+
+Prompt format (training, generation and evaluation all use it through this module):
+
+    "<source> =" + " <target>" + EOS      e.g.  "dog frisbee catch throw =" " A dog leaps ..." <|endoftext|>
+    |-- prompt --|  |------ loss on these tokens ------|
+
+`encode_source(tokenizer, source, max_len)` gives the prompt a generator is fed;
+`encode_pair(tokenizer, source, target, max_len)` gives the training row, whose first
+`prompt_len` tokens are exactly `encode_source`'s. The loss covers only the target
+tokens and the EOS. When a row does not fit `max_len`, the source is cut from the end
+(the lead of an article is kept) and the separator is kept whole; a target is never
+cut, and one that cannot fit is an error.
+
+Sources of pairs: a dataset name from `DATASETS` (read from the shared data folder
+when it holds that split, else from the Hugging Face hub through `datasets`), or a
+local `.jsonl` / `.json` / `.csv` / `.tsv` file with a source and a target field.
+
+Batches are length-bucketed: rows are shuffled per epoch (seeded by seed and epoch),
+sorted by length within chunks of `BUCKET_CHUNK` batches, cut into batches, and the
+batches shuffled; each batch is right-padded to a few fixed lengths (`padded_length`)
+so jit compiles a handful of shapes, not one per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from hsd_jax.errors import HsdError
+
+SEPARATOR = " ="  # ends every prompt; the target follows after a space
+DEFAULT_SOURCE_FIELD = "source"
+DEFAULT_TARGET_FIELD = "target"
+BUCKET_CHUNK = 64  # batches per length-sorted chunk: bigger = less padding, less randomness
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet export of script-based datasets
+
+Pair = tuple[str, str]
+
+
+# ---------------------------------------------------------------- prompt format
+
+
+def format_source(source: str) -> str:
+    """The prompt text for `source` (what a generator is given)."""
+    return source.strip() + SEPARATOR
+
+
+def format_target(target: str) -> str:
+    """The text the model learns to continue the prompt with (EOS follows)."""
+    return " " + target.strip()
+
+
+def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise HsdError("the tokenizer has no EOS token, which ends every target; "
+                       "use a tokenizer that defines eos_token (GPT-2's and Phi's do)")
+    return int(tokenizer.eos_token_id)
+
+
+def _assemble(src: list[int], sep: list[int], tgt: list[int], eos: int, max_len: int, where: str = ""):
+    """(ids, prompt_len): source cut to fit, separator and target + EOS kept whole."""
+    fixed = len(sep) + len(tgt) + 1
+    if fixed >= max_len:
+        raise HsdError(f"target{where} is {len(tgt)} tokens and cannot fit the {max_len}-token context "
+                       f"with the separator, the EOS and at least one source token; raise --max-length "
+                       f"(up to the model's context) or drop or shorten such targets")
+    src = src[: max_len - fixed]
+    prompt = src + sep
+    return prompt + tgt + [eos], len(prompt)
+
+
+def encode_source(tokenizer, source: str, max_len: int) -> list[int]:
+    """Prompt token ids for `source`, cut so the prompt has at most `max_len` tokens."""
+    src, sep = _ids(tokenizer, [source.strip(), SEPARATOR])
+    if len(sep) >= max_len:
+        raise HsdError(f"max_len {max_len} leaves no room for a source before the separator")
+    return src[: max_len - len(sep)] + sep
+
+
+def encode_pair(tokenizer, source: str, target: str, max_len: int) -> tuple[list[int], int]:
+    """Training ids (prompt + target + EOS) and the prompt length; see the module doc."""
+    src, sep, tgt = _ids(tokenizer, [source.strip(), SEPARATOR, format_target(target)])
+    return _assemble(src, sep, tgt, eos_id(tokenizer), max_len)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Tokenised pairs: row i is tokens[i], of which the first prompt_lens[i] are the prompt."""
+
+    tokens: list[np.ndarray]  # each (len_i,) int32
+    prompt_lens: np.ndarray  # (N,) int32
+    max_len: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.tokens], np.int32)
+
+    def fingerprint(self) -> str:
+        """A hash of every token and prompt boundary: a resumed run checks the data is the same."""
+        h = hashlib.sha256()
+        h.update(self.prompt_lens.tobytes())
+        for t in self.tokens:
+            h.update(t.tobytes())
+        return h.hexdigest()[:16]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int, what: str = "data") -> Encoded:
+    """Tokenises all pairs at once (the fast tokenizer batches in Rust)."""
+    if not pairs:
+        raise HsdError(f"{what} holds no (source, target) pairs")
+    eos = eos_id(tokenizer)
+    (sep,) = _ids(tokenizer, [SEPARATOR])
+    srcs = _ids(tokenizer, [s.strip() for s, _ in pairs])
+    tgts = _ids(tokenizer, [format_target(t) for _, t in pairs])
+    tokens, prompt_lens = [], []
+    for i, (src, tgt) in enumerate(zip(srcs, tgts)):
+        ids, n = _assemble(src, sep, tgt, eos, max_len, where=f" of pair {i} in {what}")
+        tokens.append(np.asarray(ids, np.int32))
+        prompt_lens.append(n)
+    return Encoded(tokens, np.asarray(prompt_lens, np.int32), max_len)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def padded_length(n: int, max_len: int) -> int:
+    """Powers of two from 32 to 256, then multiples of 256, capped at `max_len`: few shapes to compile."""
+    p = 32
+    while p < n and p < 256:
+        p *= 2
+    if p < n:
+        p = -(-n // 256) * 256
+    return min(p, max_len)
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    return -(-num_rows // batch_size)
+
+
+def batch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Row indices of each batch of one epoch; a pure function of (lengths, batch size, seed, epoch).
+
+    Every row appears once; only the epoch's last batch can be short. A resumed run
+    recomputes the plan of its epoch and skips the batches already done.
+    """
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    chunk = batch_size * BUCKET_CHUNK
+    batches = []
+    for start in range(0, n, chunk):
+        rows = order[start:start + chunk]
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_batch(data: Encoded, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Right-padded arrays (B, T) for `rows`; missing rows (a short last batch) are all-masked filler.
+
+    tokens int32; attention_mask bool (real tokens); loss_mask bool (target tokens and
+    EOS: the positions whose token the previous position must predict).
+    """
+    width = padded_length(max(len(data.tokens[r]) for r in rows), data.max_len)
+    tokens = np.zeros((batch_size, width), np.int32)
+    attention = np.zeros((batch_size, width), bool)
+    loss = np.zeros((batch_size, width), bool)
+    for i, r in enumerate(rows):
+        t = data.tokens[r]
+        tokens[i, :len(t)] = t
+        attention[i, :len(t)] = True
+        loss[i, data.prompt_lens[r]:len(t)] = True
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    hub_id: str
+    source_field: str
+    target_field: str
+    config: str | None = None
+    local: Callable[[Path, str], list[Pair] | None] | None = None  # reader for the shared data folder
+
+
+def _commongen_local(root: Path, split: str) -> list[Pair] | None:
+    name = {"train": "train", "validation": "dev"}.get(split)
+    if name is None:
+        return None
+    src, tgt = root / "commongen" / f"commongen.{name}.src_alpha.txt", root / "commongen" / f"commongen.{name}.tgt.txt"
+    if not (src.exists() and tgt.exists()):
+        return None
+    sources, targets = src.read_text().splitlines(), tgt.read_text().splitlines()
+    if len(sources) != len(targets):
+        raise HsdError(f"{src} and {tgt} should align line by line but have {len(sources)} and {len(targets)} lines")
+    return list(zip(sources, targets))
+
+
+def _e2e_local(root: Path, split: str) -> list[Pair] | None:
+    path = root / "e2e" / "devset.csv"
+    if split != "validation" or not path.exists():
+        return None
+    return read_pairs(path, "mr", "ref")
+
+
+# Hub ids, configs and fields, as found (2025) on the dataset cards and their
+# `dataset_info` metadata at huggingface.co/datasets/<id> and in the TFDS community
+# catalog of hub datasets (tensorflow.org/datasets/community_catalog/huggingface/<name>):
+# - cnn_dailymail: abisee/cnn_dailymail, config "3.0.0", article -> highlights
+#   (the "cnn_dailymail" id redirects there; catalog entry cnn_dailymail/3.0.0).
+# - xsum: EdinburghNLP/xsum, document -> summary (catalog entry xsum; card commits).
+# - e2e_nlg: tuetschek/e2e_nlg, meaning_representation -> human_reference (card's
+#   dataset_info, commit 6a3c3d4); main holds only a loading script, which datasets >= 4
+#   no longer runs, so the hub's parquet export (refs/convert/parquet) is the fallback.
+# - common_gen: allenai/common_gen, concepts (a list of words) -> target (card's
+#   dataset_info; converted to parquet).
+# - healthcaremagic: lavita/ChatDoctor-HealthCareMagic-100k, input (the patient's
+#   question) -> output (the doctor's answer); `instruction` is one fixed sentence for
+#   every row, so it is left out; only a train split exists. Found via the model cards
+#   that cite it (e.g. vikash06/doctorLLM) and its hub page.
+DATASETS: dict[str, DatasetSpec] = {
+    "cnn_dailymail": DatasetSpec("abisee/cnn_dailymail", "article", "highlights", config="3.0.0"),
+    "xsum": DatasetSpec("EdinburghNLP/xsum", "document", "summary"),
+    "e2e_nlg": DatasetSpec("tuetschek/e2e_nlg", "meaning_representation", "human_reference", local=_e2e_local),
+    "common_gen": DatasetSpec("allenai/common_gen", "concepts", "target", local=_commongen_local),
+    "healthcaremagic": DatasetSpec("lavita/ChatDoctor-HealthCareMagic-100k", "input", "output"),
+}
+_SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
+
+
+def shared_data_dir() -> Path | None:
+    """$HSD_DATA_DIR, else ../shared/data next to the project (or the working directory)."""
+    env = os.environ.get("HSD_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def load_dataset_pairs(name: str, split: str = "train") -> list[Pair]:
+    """(source, target) pairs of a named dataset: from the shared data folder if it has them, else the hub."""
+    if name not in DATASETS:
+        raise HsdError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. "
+                       "For other data pass --train-file FILE.jsonl|.csv with --source-field/--target-field")
+    spec = DATASETS[name]
+    split = _SPLIT_ALIASES.get(split, split)
+    root = shared_data_dir()
+    if spec.local is not None and root is not None:
+        pairs = spec.local(root, split)
+        if pairs is not None:
+            return pairs
+    rows = _hub_rows(spec, split)
+    return _pairs_from_rows(rows, spec.source_field, spec.target_field, f"{spec.hub_id} ({split})")
+
+
+def _hub_rows(spec: DatasetSpec, split: str):
+    import datasets
+
+    first_error = None
+    for revision in (None, PARQUET_REVISION):
+        try:
+            return datasets.load_dataset(spec.hub_id, spec.config, split=split, revision=revision)
+        except Exception as err:  # noqa: BLE001 - network, script and split errors come in many types
+            first_error = first_error or err
+    raise HsdError(f"could not load {spec.hub_id}" + (f" ({spec.config})" if spec.config else "")
+                   + f" split {split!r} from the Hugging Face hub ({type(first_error).__name__}: "
+                   f"{str(first_error).splitlines()[0] if str(first_error) else ''}); check the split name "
+                   "and your network, or pass a local --train-file") from first_error
+
+
+def _text(value, field: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return " ".join(value)  # e.g. CommonGen's concept list
+    raise HsdError(f"field {field!r} of {where} is {type(value).__name__}, not text")
+
+
+def _pairs_from_rows(rows, source_field: str, target_field: str, what: str) -> list[Pair]:
+    """Pairs from dict rows; a list-valued target gives one pair per reference."""
+    pairs: list[Pair] = []
+    for i, row in enumerate(rows):
+        for field in (source_field, target_field):
+            if field not in row:
+                raise HsdError(f"row {i} of {what} has no field {field!r}; its fields are "
+                               f"{', '.join(map(str, row)) or '(none)'}; pass --source-field/--target-field")
+        source = _text(row[source_field], source_field, f"row {i} of {what}")
+        targets = row[target_field]
+        for target in targets if isinstance(targets, (list, tuple)) else [targets]:
+            target = _text(target, target_field, f"row {i} of {what}")
+            if source.strip() and target.strip():
+                pairs.append((source, target))
+    if not pairs:
+        raise HsdError(f"{what} holds no pair with a non-empty {source_field!r} and {target_field!r}")
+    return pairs
+
+
+def read_pairs(path: str | os.PathLike, source_field: str | None = None, target_field: str | None = None) -> list[Pair]:
+    """Pairs from a local .jsonl / .json / .csv / .tsv file (fields default to source/target)."""
+    path = Path(path)
+    source_field = source_field or DEFAULT_SOURCE_FIELD
+    target_field = target_field or DEFAULT_TARGET_FIELD
+    if not path.is_file():
+        raise HsdError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise HsdError(f"data file {path} is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise HsdError(f"line {n} of {path} is not JSON ({err}); "
+                                   "a .jsonl file holds one object a line") from err
+    elif suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise HsdError(f"{path} is not JSON ({err})") from err
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise HsdError(f"{path} should hold a list of objects (or {{\"data\": [...]}})")
+    elif suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        raise HsdError(f"cannot read {path}: use a .jsonl, .json, .csv or .tsv file")
+    if not rows:
+        raise HsdError(f"data file {path} holds no rows")
+    if not all(isinstance(r, dict) for r in rows):
+        raise HsdError(f"{path} should hold one JSON object per row")
+    return _pairs_from_rows(rows, source_field, target_field, str(path))
+
+
+def write_jsonl(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
+    """Writes pairs as {"source", "target"} lines (the default fields of read_pairs), atomically."""
+    from hsd_jax import io
+
+    io.write_jsonl(path, ({"source": s, "target": t} for s, t in pairs))
+    return Path(path)

@@ -1,0 +1,607 @@
+"""Fine-tuning (full or LoRA) and from-scratch training with Optax and Orbax.
+
+    from hsd_jax.train import TrainConfig, train
+    result = train(TrainConfig(model="gpt2", train_file="pairs.jsonl", mode="lora", output="runs/x"))
+
+What a run does, in order:
+  1. checks the output folder: a folder holding another run needs `resume=True`;
+  2. loads the model (a Hugging Face folder / hub id, or `random:<preset|config.json>`
+     for GPT-2 weights drawn at random) and its tokenizer;
+  3. reads and tokenises the pairs (`hsd_jax.data`: prompt format, loss on the target);
+  4. builds a data-parallel mesh over the local devices (all processes' devices when
+     `jax.distributed` was initialised), replicates the weights and shards each batch;
+  5. runs one jitted step per batch: AdamW with linear warm-up and linear decay,
+     global-norm clipping, optional bfloat16 compute on float32 master weights;
+  6. logs each step to `OUTPUT/train_log.jsonl`, checkpoints with Orbax under
+     `OUTPUT/checkpoints` (atomic; `resume=True` restores the latest and replays the
+     same batches, so the losses equal an uninterrupted run's);
+  7. exports OUTPUT as a Hugging Face folder (LoRA merged into the weights).
+
+The learning-rate schedule spans `epochs` over the whole data set; `max_steps` only
+stops early, so a run cut into pieces with `max_steps` and `resume` follows the same
+schedule as one run.
+
+The loss takes an optional per-position layer mask `batch["active"]` (L, B, T), passed
+to `forward(active=...)`, so a schedule-aware fine-tune can train on what skip
+decoding computes without another forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hsd_jax import data as data_lib
+from hsd_jax.errors import HsdError
+from hsd_jax.io import write_json, write_text
+from hsd_jax.progress import progress
+
+RUN_FILE = "run.json"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+
+# Settings a resumed run must share with the run it continues (the rest may change).
+_RUN_KEYS = ("model", "tokenizer", "dataset", "split", "train_file", "source_field", "target_field", "limit",
+             "mode", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
+             "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed", "bf16")
+
+# GPT-2 sizes for `random:<name>` (the OpenAI checkpoints' shapes).
+GPT2_PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+_GPT2_DEFAULTS = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=50257, n_positions=1024,
+                      n_embd=768, n_layer=12, n_head=12, n_inner=None, activation_function="gelu_new",
+                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
+                      initializer_range=0.02, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of a run; the CLI flags map one to one (`--batch-size` -> batch_size)."""
+
+    model: str  # HF folder or hub id; "random:gpt2|gpt2-medium|...|path/config.json" for random GPT-2 weights
+    output: str  # run folder; ends as a Hugging Face model folder
+    dataset: str | None = None  # a name in hsd_jax.data.DATASETS ...
+    split: str = "train"
+    train_file: str | None = None  # ... or a local .jsonl / .json / .csv / .tsv file
+    source_field: str | None = None  # default "source" for files, the dataset's own for names
+    target_field: str | None = None
+    limit: int | None = None  # use only the first N training pairs
+    eval_file: str | None = None  # validation pairs (same fields as the training file)
+    eval_split: str | None = None  # or a split of --dataset
+    eval_every: int = 0  # steps between validation losses; 0 = only at the end when eval data is given
+    eval_limit: int | None = None  # use only the first N validation pairs
+    tokenizer: str | None = None  # tokenizer folder; needed with random weights
+    mode: str = "full"  # "full" | "lora"
+    epochs: int = 3
+    batch_size: int = 8  # global, over all devices
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0  # AdamW decoupled decay on kernels/embeddings (not biases, norms)
+    warmup_steps: int | None = None  # None: 6% of the schedule
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
+    max_length: int | None = None  # tokens per row; default the model's context
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] | None = None  # None: every attention and MLP projection
+    seed: int = 0
+    bf16: bool = False  # bfloat16 compute (weights, activations); float32 master weights and loss
+    resume: bool = False
+    devices: int | None = None  # use the first N local devices (single process); None = all
+    log_every: int = 1
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm bar on process 0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output: Path
+    steps: int  # the step the run ended at
+    losses: dict[int, float]  # step -> training loss, for the steps this call ran
+    eval_losses: dict[int, float]
+    num_train_pairs: int
+    trainable_params: int
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` only when the environment describes several processes.
+
+    Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES (> 1), JAX_PROCESS_ID. Or a
+    cluster JAX detects itself (SLURM, Open MPI) with more than one task. Must run
+    before anything touches a JAX device.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env.get("JAX_PROCESS_ID", "0")))
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- model
+
+
+def random_gpt2(spec: str, tokenizer, seed: int):
+    """A LanguageModel with GPT-2 weights drawn as GPT-2 draws them (std 0.02, residual
+    projections 0.02 / sqrt(2 L)); `spec` is a GPT2_PRESETS name or a config.json path."""
+    import jax
+
+    from hsd_jax.checkpoint import LanguageModel
+    from hsd_jax.models import gpt2
+
+    if spec in GPT2_PRESETS:
+        overrides = GPT2_PRESETS[spec]
+    elif Path(spec).is_file():
+        try:
+            overrides = json.loads(Path(spec).read_text())
+        except json.JSONDecodeError as err:
+            raise HsdError(f"{spec} is not a JSON config ({err})") from err
+        if overrides.get("model_type", "gpt2") != "gpt2":
+            raise HsdError(f"random weights are drawn for GPT-2 only, and {spec} has model_type "
+                           f"{overrides.get('model_type')!r}")
+    else:
+        raise HsdError(f"random:{spec}: give a GPT-2 size ({', '.join(GPT2_PRESETS)}) or a config.json path")
+    hf = {**_GPT2_DEFAULTS, **overrides}
+    eos = data_lib.eos_id(tokenizer)
+    hf["bos_token_id"] = hf["eos_token_id"] = eos
+    if len(tokenizer) > hf["vocab_size"]:
+        raise HsdError(f"the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
+                       f"{hf['vocab_size']}; set vocab_size to at least {len(tokenizer)}")
+    problems = gpt2.check_supported(hf)
+    if problems:
+        raise HsdError(f"config options hsd-jax does not implement: {', '.join(problems)}")
+    config = gpt2.config_from_hf(hf)
+    return LanguageModel(config=config, params=init_gpt2_params(config, jax.random.key(seed)),
+                         tokenizer=tokenizer, hf_config=hf, source=f"random:{spec}")
+
+
+def init_gpt2_params(config, key):
+    import jax
+    import jax.numpy as jnp
+
+    from hsd_jax.models import gpt2
+
+    std, proj_std = 0.02, 0.02 / math.sqrt(2 * config.num_layers)
+    shapes = gpt2.expected_shapes(config)
+    params: dict = {}
+    for i, (path, shape) in enumerate(sorted(shapes.items())):
+        name = path[-1]
+        if name == "scale":
+            value = jnp.ones(shape, jnp.float32)
+        elif name == "bias":
+            value = jnp.zeros(shape, jnp.float32)
+        else:  # wte, wpe, kernels
+            s = proj_std if path[-2:] == ("c_proj", "kernel") else std
+            value = s * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[name] = value
+    return params
+
+
+def _load_model(cfg: TrainConfig):
+    from hsd_jax.checkpoint import _load_tokenizer, _resolve_folder, load
+
+    tokenizer = None
+    if cfg.tokenizer:
+        tokenizer = _load_tokenizer(_resolve_folder(cfg.tokenizer))  # a folder or a hub id
+        if tokenizer is None:
+            raise HsdError(f"{cfg.tokenizer} holds no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    if cfg.model.startswith("random:"):
+        if tokenizer is None:
+            raise HsdError("random weights need a tokenizer: pass --tokenizer FOLDER (e.g. a GPT-2 model folder)")
+        return random_gpt2(cfg.model[len("random:"):], tokenizer, cfg.seed)
+    lm = load(cfg.model, tokenizer=tokenizer is None)
+    if tokenizer is not None:
+        lm.tokenizer = tokenizer
+    if lm.tokenizer is None:
+        raise HsdError(f"{cfg.model} has no tokenizer files; pass --tokenizer FOLDER")
+    return lm
+
+
+# ---------------------------------------------------------------- data
+
+
+def _train_pairs(cfg: TrainConfig):
+    if bool(cfg.dataset) == bool(cfg.train_file):
+        raise HsdError("give exactly one of --dataset NAME or --train-file FILE")
+    if cfg.train_file:
+        pairs = data_lib.read_pairs(cfg.train_file, cfg.source_field, cfg.target_field)
+    elif cfg.source_field or cfg.target_field:
+        raise HsdError("--source-field/--target-field apply to --train-file; a named dataset has its own fields")
+    else:
+        pairs = data_lib.load_dataset_pairs(cfg.dataset, cfg.split)
+    return pairs[: cfg.limit] if cfg.limit else pairs
+
+
+def _eval_pairs(cfg: TrainConfig):
+    if cfg.eval_file:
+        pairs = data_lib.read_pairs(cfg.eval_file, cfg.source_field, cfg.target_field)
+    elif cfg.eval_split:
+        if not cfg.dataset:
+            raise HsdError("--eval-split needs --dataset; with --train-file pass --eval-file")
+        pairs = data_lib.load_dataset_pairs(cfg.dataset, cfg.eval_split)
+    else:
+        return None
+    return pairs[: cfg.eval_limit] if cfg.eval_limit else pairs
+
+
+# ---------------------------------------------------------------- loss and step
+
+
+def token_nll(params, config, batch):
+    """(sum of target-token NLL, number of target tokens) of a batch.
+
+    Position t predicts token t + 1, counted where `loss_mask[t + 1]`. An optional
+    `batch["active"]` (L, B, T) bool runs layer l at (b, t) only where True.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    from hsd_jax.models import forward
+
+    tokens = batch["tokens"]
+    logits, _ = forward(params, config, tokens, batch["attention_mask"], active=batch.get("active"))
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])  # (B, T-1)
+    weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * weight), jnp.sum(weight)
+
+
+def _compute_params(trainable, frozen, mode: str, lora_scale: float, bf16: bool):
+    import jax
+    import jax.numpy as jnp
+
+    from hsd_jax import lora
+
+    params = lora.merge(frozen, trainable, lora_scale) if mode == "lora" else trainable
+    if bf16:
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                              params)
+    return params
+
+
+def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh):
+    """(train_step, eval_step), jitted: weights replicated over `mesh`, batches split on "data"
+    (data parallel: XLA all-reduces the gradients)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    replicated = NamedSharding(mesh, P())
+
+    def train_step(state, frozen, batch):
+        def loss_of(trainable):
+            total, count = token_nll(_compute_params(trainable, frozen, mode, lora_scale, bf16), config, batch)
+            return total / jnp.maximum(count, 1.0), count
+
+        (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state["trainable"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        new = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
+               "opt_state": opt_state}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
+
+    def eval_step(trainable, frozen, batch):
+        return token_nll(_compute_params(trainable, frozen, mode, lora_scale, bf16), config, batch)
+
+    # Inputs keep the shardings they were placed with (`batch_sharding`), outputs stay replicated.
+    train = jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step, out_shardings=replicated)
+    return train, evaluate
+
+
+def batch_sharding(mesh, key: str):
+    """Batch arrays split their batch axis over "data": axis 0, or 1 for the (L, B, T) `active` mask."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P(None, "data") if key == "active" else P("data"))
+
+
+def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int | None = None,
+                   weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+    """AdamW, linear warm-up to the learning rate then linear decay to 0, global-norm clipping.
+
+    Returns (tx, schedule); warmup_steps None means 6% of total_steps.
+    """
+    import jax
+    import optax
+
+    warmup = warmup_steps if warmup_steps is not None else int(0.06 * total_steps)
+    warmup = min(warmup, total_steps)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
+         optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1))],
+        boundaries=[warmup],
+    ) if warmup else optax.linear_schedule(learning_rate, 0.0, max(total_steps, 1))
+
+    def decay_mask(tree):  # no weight decay on biases and norm scales
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("bias", "scale"), tree)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(config, optimizer: tuple, mode: str, lora_scale: float, bf16: bool, devices: tuple):
+    """(tx, schedule, train_step, eval_step), reused by runs with the same settings in one
+    process (a resume, a test suite), so jit's compiled programs are reused too."""
+    from jax.sharding import Mesh
+
+    tx, schedule = make_optimizer(*optimizer)
+    mesh = Mesh(np.array(devices), ("data",))
+    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh))
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def _run_settings(cfg: TrainConfig) -> dict:
+    settings = {k: getattr(cfg, k) for k in _RUN_KEYS}
+    for key in ("model", "tokenizer", "train_file"):  # the same folder, wherever the run is started from
+        value = settings[key]
+        if value and not value.startswith("random:") and Path(value).exists():
+            settings[key] = str(Path(value).resolve())
+    if settings["lora_targets"] is not None:
+        settings["lora_targets"] = list(settings["lora_targets"])
+    return settings
+
+
+def _prepare_output(cfg: TrainConfig, out: Path) -> dict | None:
+    """Checks the output folder; returns the previous run's record when resuming one."""
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise HsdError(f"--output {out} is a file; give a folder")
+    busy = out.exists() and any(out.iterdir())
+    if not busy:
+        return None
+    if not run_file.exists():
+        raise HsdError(f"--output {out} is not empty and holds no training run; choose a new or empty folder")
+    if not cfg.resume:
+        raise HsdError(f"--output {out} holds another training run; pass --resume to continue it, "
+                       "or choose another --output")
+    previous = json.loads(run_file.read_text())
+    now = _run_settings(cfg)
+    changed = [k for k in _RUN_KEYS if previous.get("settings", {}).get(k) != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {previous['settings'].get(k)!r} then, {now[k]!r} now" for k in changed)
+        raise HsdError(f"--resume must repeat the settings of the run in {out} ({diffs}); "
+                       "pass the same values, or start a new run in another --output")
+    return previous
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Drops log lines past the restored step (the run died after logging, before saving)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Runs (or resumes) a training run; see the module docstring."""
+    if cfg.mode not in ("full", "lora"):
+        raise HsdError(f"--mode must be full or lora, got {cfg.mode!r}")
+    for name in ("epochs", "batch_size", "log_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise HsdError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    out = Path(cfg.output)
+    previous = _prepare_output(cfg, out)
+
+    maybe_initialize_distributed()
+    import jax
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from hsd_jax import lora
+    from hsd_jax.checkpoint import LanguageModel, save_pretrained
+
+    lead = jax.process_index() == 0
+    lm = _load_model(cfg)
+    config = lm.config
+    max_len = min(cfg.max_length or config.max_position, config.max_position)
+    train_data = data_lib.encode_pairs(lm.tokenizer, _train_pairs(cfg), max_len,
+                                       what=cfg.train_file or f"{cfg.dataset} ({cfg.split})")
+    eval_pairs = _eval_pairs(cfg)
+    eval_data = data_lib.encode_pairs(lm.tokenizer, eval_pairs, max_len, what="the validation data") \
+        if eval_pairs else None
+    fingerprint = train_data.fingerprint()
+    if previous is not None and previous.get("data_fingerprint") != fingerprint:
+        raise HsdError(f"the training data differs from the data the run in {out} began with, so the "
+                       "batches would not repeat; restore the data, or start a new run in another --output")
+
+    # Devices: a 1-D mesh; the global batch splits over it, the weights are replicated.
+    if cfg.devices is not None and jax.process_count() == 1:
+        if not 1 <= cfg.devices <= jax.device_count():
+            raise HsdError(f"--devices {cfg.devices}: this machine has {jax.device_count()} devices")
+        devices = jax.devices()[: cfg.devices]
+    else:
+        devices = jax.devices()
+    if cfg.batch_size % len(devices):
+        raise HsdError(f"--batch-size {cfg.batch_size} must be a multiple of the {len(devices)} devices "
+                       "the batch is split over")
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated = NamedSharding(mesh, P())
+    local_rows = cfg.batch_size // jax.process_count()
+
+    spe = data_lib.steps_per_epoch(len(train_data), cfg.batch_size)
+    total = cfg.epochs * spe
+    stop = min(cfg.max_steps or total, total)
+    if lead and cfg.max_steps and cfg.max_steps > total:
+        print(f"note: --max-steps {cfg.max_steps} is past the end of {cfg.epochs} epochs; stopping at step {total} "
+              "(raise --epochs to train longer)", file=sys.stderr)
+    lora_cfg = lora.LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets) if cfg.lora_targets else None)
+    optimizer = (cfg.learning_rate, total, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
+    tx, schedule, train_step, eval_step = _compiled(config, optimizer, cfg.mode, lora_cfg.scale, cfg.bf16,
+                                                    tuple(devices))
+
+    if cfg.mode == "lora":
+        frozen = lm.params
+        trainable = lora.init(jax.random.key(cfg.seed), lm.params, config, lora_cfg)
+    else:
+        frozen, trainable = {}, lm.params
+    state = {"step": np.zeros((), np.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    state, frozen = _replicate(state, replicated), _replicate(frozen, replicated)
+    num_trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+
+    manager = ocp.CheckpointManager(
+        (out / CHECKPOINTS).resolve(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True),
+    )
+    start = 0
+    if previous is not None and manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        if lead:
+            print(f"resuming {out} from step {start}", file=sys.stderr)
+    elif previous is not None and lead:
+        print(f"no checkpoint in {out / CHECKPOINTS}; starting from step 0", file=sys.stderr)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"settings": _run_settings(cfg), "data_fingerprint": fingerprint, "train_pairs": len(train_data),
+                  "steps_per_epoch": spe, "schedule_steps": total, "devices": len(devices),
+                  "trainable_params": int(num_trainable)}
+        write_json(out / RUN_FILE, record)
+        _trim_log(out / LOG_FILE, start)
+
+    def to_device(batch: dict) -> dict:
+        """The global batch, each process contributing its rows (all of them with one process)."""
+        rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+        return {k: jax.make_array_from_process_local_data(
+                    batch_sharding(mesh, k), v[:, rows] if k == "active" else v[rows], v.shape)
+                for k, v in batch.items()}
+
+    def evaluate() -> float:
+        total_nll, count = 0.0, 0.0
+        order = np.argsort(eval_data.lengths, kind="stable")  # fixed order, little padding
+        for i in range(0, len(order), cfg.batch_size):
+            batch = data_lib.make_batch(eval_data, order[i:i + cfg.batch_size], cfg.batch_size)
+            s, n = eval_step(state["trainable"], frozen, to_device(batch))
+            total_nll, count = total_nll + float(s), count + float(n)
+        return total_nll / max(count, 1.0)
+
+    losses: dict[int, float] = {}
+    eval_losses: dict[int, float] = {}
+    bar = _progress(cfg.progress and lead, start, stop)
+    log = (out / LOG_FILE).open("a") if lead else None
+    pending = None  # the previous step's metrics, read after the next step is dispatched
+    t_last, tokens_since = time.perf_counter(), 0
+    t_start = t_last
+
+    def flush(entry, eval_loss: float | None = None) -> None:
+        nonlocal t_last, tokens_since
+        step, metrics, tokens = entry
+        loss = float(metrics["loss"])
+        losses[step] = loss
+        now = time.perf_counter()
+        tokens_since += tokens
+        if not math.isfinite(loss):
+            raise HsdError(f"the training loss became {loss} at step {step}; lower --learning-rate "
+                           "(or drop --bf16) and resume from the last checkpoint with --resume")
+        record = {"step": step, "epoch": round(step / spe, 4), "loss": loss, "lr": float(schedule(step - 1)),
+                  "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["target_tokens"])}
+        if eval_loss is not None:
+            eval_losses[step] = record["eval_loss"] = eval_loss
+        if step % cfg.log_every == 0 or step == stop or eval_loss is not None:
+            record["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
+            record["elapsed_s"] = round(now - t_start, 2)
+            t_last, tokens_since = now, 0
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+
+    try:
+        step = start
+        epoch, index = divmod(step, spe)
+        plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
+        while step < stop:
+            if index == spe:
+                epoch, index = epoch + 1, 0
+                plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
+            batch = data_lib.make_batch(train_data, plan[index], cfg.batch_size)
+            state, metrics = train_step(state, frozen, to_device(batch))
+            step, index = step + 1, index + 1
+            if pending is not None:
+                flush(pending)
+            pending = (step, metrics, int(batch["attention_mask"].sum()))
+            due_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == stop)
+            if due_eval or step % cfg.save_every == 0 or step == stop:
+                flush(pending, evaluate() if due_eval else None)  # the log never lags a checkpoint
+                pending = None
+            if step % cfg.save_every == 0 or step == stop:
+                manager.save(step, args=ocp.args.StandardSave(state))
+        if pending is not None:
+            flush(pending)
+        manager.wait_until_finished()
+    finally:
+        if log is not None:
+            log.close()
+        if bar is not None:
+            bar.close()
+
+    if lead:
+        params = lora.merge(frozen, state["trainable"], lora_cfg.scale) if cfg.mode == "lora" \
+            else state["trainable"]
+        export = LanguageModel(config=config, params=params, tokenizer=lm.tokenizer, hf_config=lm.hf_config)
+        save_pretrained(export, out)
+    manager.close()
+    return TrainResult(output=out, steps=max(stop, start), losses=losses, eval_losses=eval_losses,
+                       num_train_pairs=len(train_data), trainable_params=int(num_trainable))
+
+
+def _replicate(tree: Any, sharding):
+    """Places identical host/device values on every device of the mesh (across processes too)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree)
+
+
+def _progress(enabled: bool, start: int, stop: int):
+    """tqdm with loss, tokens/s and ETA; off on other processes, when not a terminal, in CI."""
+    return progress(total=stop, initial=start, unit="step", smoothing=0.1) if enabled else None
+
+
+def read_log(output: str | os.PathLike) -> list[dict]:
+    """The objects of OUTPUT/train_log.jsonl, in order."""
+    path = Path(output) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
