@@ -7,12 +7,12 @@
 
 from hsd_jax.checkpoint import LanguageModel, load, save_pretrained
 from hsd_jax.errors import HsdError
-from hsd_jax.generate import Generation, generate
+from hsd_jax.generate import Generation, generate, generate_batched
 from hsd_jax.models import KVCache, ModelConfig
 from hsd_jax.schedules import CalmConfig, Schedule, list_presets, schedule
 
 __all__ = [
     "CalmConfig", "Generation", "HsdError", "KVCache", "LanguageModel", "ModelConfig", "Schedule",
-    "generate", "list_presets", "load", "save_pretrained", "schedule",
+    "generate", "generate_batched", "list_presets", "load", "save_pretrained", "schedule",
 ]
 __version__ = "0.1.0"

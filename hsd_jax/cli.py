@@ -14,7 +14,7 @@ import sys
 from hsd_jax.errors import HsdError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("generate", "schedule", "train", "bench")
+COMMANDS = ("generate", "schedule", "train", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

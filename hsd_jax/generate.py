@@ -132,6 +132,41 @@ def generate(
                       num_steps=steps)
 
 
+def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
+                     desc: str = "generate", **options) -> Generation:
+    """`generate` over many prompts (strings or token lists) in fixed-size batches.
+
+    Every batch has the same number of rows (the last is filled up with copies of its
+    final prompt) and a prompt width rounded up to a multiple of 32, so a long file
+    compiles a handful of programs, not one per batch. Shows a progress bar.
+    """
+    from hsd_jax.progress import progress
+
+    if batch_size < 1:
+        raise HsdError(f"batch_size must be at least 1, got {batch_size}")
+    prompts = list(prompts)
+    if not prompts:
+        raise HsdError("no prompts given")
+    key = "prompts" if isinstance(prompts[0], str) else "input_ids"
+    parts = []
+    starts = range(0, len(prompts), batch_size)
+    for start in progress(starts, desc=desc, unit="batch", disable=None if len(starts) > 1 else True):
+        batch = prompts[start:start + batch_size]
+        filled = batch + [batch[-1]] * (batch_size - len(batch))
+        out = generate(lm, **{key: filled}, pad_to_multiple_of=32, **options)
+        parts.append((out, len(batch)))
+    first = parts[0][0]
+    return Generation(
+        sequences=[s for out, n in parts for s in out.sequences[:n]],
+        layers_per_token=[s for out, n in parts for s in out.layers_per_token[:n]],
+        texts=None if first.texts is None else [t for out, n in parts for t in out.texts[:n]],
+        schedule=first.schedule, mode=first.mode, num_beams=first.num_beams,
+        compile_seconds=sum(out.compile_seconds for out, _ in parts),
+        decode_seconds=sum(out.decode_seconds for out, _ in parts),
+        num_steps=max(out.num_steps for out, _ in parts),
+    )
+
+
 def _length(row: np.ndarray, eos: int | None) -> int:
     """Tokens up to and including the first EOS (all of them if none)."""
     if eos is not None:

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     src.add_argument("--input-file", type=Path,
                      help="one prompt per line, or .jsonl with the prompt in --field")
     p.add_argument("--field", default="prompt", help="jsonl field holding the prompt (default: prompt)")
+    p.add_argument("--seq2seq", action="store_true",
+                   help="prompts are sources for a model fine-tuned by hsd-jax train: add its separator")
     p.add_argument("--output", type=Path, help="write one JSON line per prompt here (atomically)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); the paper uses 4")
@@ -67,11 +69,12 @@ def read_prompts(path: Path, field: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import hsd_jax
     from hsd_jax.io import write_jsonl
-    from hsd_jax.progress import progress
 
-    if args.batch_size < 1:
-        raise HsdError("--batch-size must be at least 1")
     prompts = args.prompt if args.prompt else read_prompts(args.input_file, args.field)
+    if args.seq2seq:
+        from hsd_jax.data import format_source
+
+        prompts = [format_source(p) for p in prompts]
     lm = hsd_jax.load(args.model, dtype=args.dtype)
     if lm.tokenizer is None:
         raise HsdError(f"{args.model} has no tokenizer files; generate needs them to encode text prompts")
@@ -83,22 +86,15 @@ def run(args: argparse.Namespace) -> int:
     if args.no_eos:
         options["eos_token_id"] = None
 
-    results, layers, tokens, seconds = [], 0, 0, 0.0
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    for batch in progress(batches, desc="generate", unit="batch", disable=len(batches) == 1):
-        # Pad the last batch to full size so it reuses the compiled program.
-        padded = batch + [batch[-1]] * (args.batch_size - len(batch)) if args.input_file else batch
-        g = hsd_jax.generate(lm, prompts=padded, pad_to_multiple_of=32, **options)
-        for i, prompt in enumerate(batch):
-            per_token = g.layers_per_token[i]
-            results.append({
-                "prompt": prompt, "text": g.texts[i], "tokens": g.sequences[i], "layers_per_token": per_token,
-                "avg_layers": sum(per_token) / len(per_token),
-            })
-            layers += sum(per_token)
-            tokens += len(per_token)
-        seconds += g.decode_seconds
-        schedule_spec = g.schedule
+    if args.prompt:  # a handful of prompts: one batch, exactly as given
+        g = hsd_jax.generate(lm, prompts=prompts, **options)
+    else:
+        g = hsd_jax.generate_batched(lm, prompts, batch_size=args.batch_size, **options)
+    results = [
+        {"prompt": p, "text": text, "tokens": seq, "layers_per_token": per_token,
+         "avg_layers": sum(per_token) / len(per_token)}
+        for p, text, seq, per_token in zip(prompts, g.texts, g.sequences, g.layers_per_token)
+    ]
 
     if args.output:
         write_jsonl(args.output, results)
@@ -107,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(r, ensure_ascii=False))
         else:
             print(f"--- {r['prompt']!r}\n{r['text']}\n    layers per token: {r['layers_per_token']}")
-    summary = (f"schedule {schedule_spec} | {len(results)} prompts, {tokens} tokens | "
-               f"Avg. Layer {layers / max(tokens, 1):.2f} of {lm.config.num_layers} | "
-               f"{tokens / seconds if seconds else float('nan'):.1f} tokens/s (compile excluded)")
+    summary = (f"schedule {g.schedule} | {len(results)} prompts, {g.num_tokens} tokens | "
+               f"Avg. Layer {g.avg_layers:.2f} of {lm.config.num_layers} | "
+               f"{g.tokens_per_second:.1f} tokens/s (compile excluded)")
     print(summary, file=sys.stderr if args.json else sys.stdout)
     if args.output:
         print(f"wrote {args.output}", file=sys.stderr if args.json else sys.stdout)
