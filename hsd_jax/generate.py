@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 
 from hsd_jax.checkpoint import LanguageModel
 from hsd_jax.errors import HsdError
-from hsd_jax.models import RUN, KVCache, ModelConfig, decode_step, forward
+from hsd_jax.models import RUN, KVCache, ModelConfig, decode_layout, decode_step, forward
 from hsd_jax.schedules import CalmConfig, Schedule, resolve
 from hsd_jax.search import make_search
 
@@ -272,7 +273,12 @@ _PROGRAMS: dict = {}  # compiled executables, keyed by everything that shapes th
 
 
 def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int):
-    """Returns (run, extra args, compile seconds) for this schedule, search and mode."""
+    """Returns (run, extra args, compile seconds) for this schedule, search and mode.
+
+    `run(lm.params, ids, mask, *args)`. The decode loop reads the weights in their
+    decode layout (`hsd_jax.models.decode_layout`), made once per set of weights and
+    kept while they live; making it counts as compile time.
+    """
     config = lm.config
     if isinstance(sched, CalmConfig):
         from hsd_jax.calm import calm_program  # the dynamic variant lives with CALM
@@ -280,13 +286,16 @@ def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int)
         return calm_program(lm, sched, search, mode, shape, cache_len, _PROGRAMS)
 
     table = sched.layer_ops()
+    start = time.perf_counter()
+    fresh = _decode_params(lm.params)[1]
+    layout_seconds = time.perf_counter() - start if fresh else 0.0
     if mode == "eager":
-        return _eager(config, search, table, cache_len), (), 0.0
+        return _eager(config, search, table, cache_len), (), layout_seconds
 
     if mode == "compiled":
-        def run(params, ids, mask, ops):
+        def run(params, decode_params, ids, mask, ops):
             state, layers = _prefill(params, config, search, ids, mask, cache_len)
-            state, layers = _loop(params, search, state, layers, _schedule_step(config, lambda t: ops[t]))
+            state, layers = _loop(decode_params, search, state, layers, _schedule_step(config, lambda t: ops[t]))
             return _finish(search, state, layers)
 
         key = ("compiled", config, _dtype(lm.params), search, shape, cache_len, table.shape)
@@ -294,27 +303,74 @@ def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int)
     else:  # static: the segments are part of the program
         segments = tuple((start, stop, tuple(int(op) for op in row)) for start, stop, row in sched.segments())
 
-        def run(params, ids, mask):
+        def run(params, decode_params, ids, mask):
             state, layers = _prefill(params, config, search, ids, mask, cache_len)
             for start, stop, ops in segments:
                 step = _schedule_step(config, lambda t, ops=ops: ops)
-                state, layers = _loop(params, search, state, layers, step, until=stop)
+                state, layers = _loop(decode_params, search, state, layers, step, until=stop)
             return _finish(search, state, layers)
 
         key = ("static", config, _dtype(lm.params), search, shape, cache_len, segments)
         args = ()
-    return _compile(key, run, lm.params, shape, args)
+    program, args, seconds = _compile(key, run, lm.params, shape, args, decode=True)
+    return program, args, seconds + layout_seconds
 
 
-def _compile(key, run, params, shape, args):
+def _compile(key, run, params, shape, args, decode: bool = False):
+    """Compiles `run(params, ids, mask, *args)` once per key.
+
+    With `decode=True`, `run` takes the decode layout of the weights as its second
+    argument, and the program returned fills it in: it is still called as
+    `program(params, ids, mask, *args)`.
+    """
     if key in _PROGRAMS:
         return _PROGRAMS[key], args, 0.0
     start = time.perf_counter()
     ids = jax.ShapeDtypeStruct(shape, jnp.int32)
     mask = jax.ShapeDtypeStruct(shape, jnp.bool_)
-    compiled = jax.jit(run).lower(params, ids, mask, *args).compile()
+    if decode:
+        compiled = jax.jit(run).lower(params, jax.eval_shape(decode_layout, params), ids, mask, *args).compile()
+        compiled = _WithDecodeLayout(compiled)
+    else:
+        compiled = jax.jit(run).lower(params, ids, mask, *args).compile()
     _PROGRAMS[key] = compiled
     return compiled, args, time.perf_counter() - start
+
+
+class _WithDecodeLayout:
+    """A compiled program called as (params, ids, mask, *args); adds the decode layout."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, params, *rest):
+        return self.compiled(params, _decode_params(params)[0], *rest)
+
+
+# The decode layout of recently used weights: id of their first leaf -> (weak references
+# to all their leaves, decode layout). An entry goes when its weights are freed; at most
+# _DECODE_KEEP are kept (each holds a second copy of a model's weights).
+_DECODE: dict[int, tuple[list, Any]] = {}
+_DECODE_KEEP = 2
+_decode_layout_jit = jax.jit(decode_layout)
+
+
+def _decode_params(params) -> tuple[Any, bool]:
+    """(decode layout of `params`, whether it was made now), cached by the identity of the arrays."""
+    leaves = jax.tree.leaves(params)
+    key = id(leaves[0])
+    hit = _DECODE.get(key)
+    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves)):
+        return hit[1], False
+    if isinstance(params.get("layers"), (tuple, list)) or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return decode_layout(params), False  # already laid out, or traced: nothing to keep
+    while len(_DECODE) >= _DECODE_KEEP:
+        _DECODE.pop(next(iter(_DECODE)))
+    layout = jax.block_until_ready(_decode_layout_jit(params))
+    refs = [weakref.ref(leaves[0], lambda _, key=key: _DECODE.pop(key, None))]
+    refs += [weakref.ref(x) for x in leaves[1:]]
+    _DECODE[key] = (refs, layout)
+    return layout, True
 
 
 def _eager(config: ModelConfig, search, table: np.ndarray, cache_len: int):
@@ -323,6 +379,7 @@ def _eager(config: ModelConfig, search, table: np.ndarray, cache_len: int):
     def run(params, ids, mask):
         state, layers = _prefill(params, config, search, ids, mask, cache_len)
         layers = np.array(layers)  # writable host copy
+        params = _decode_params(params)[0]  # each layer's weights apart, made once
         while not bool(search.done(state)):
             t = int(state.i) - 1
             ops = tuple(int(op) for op in table[t])

@@ -70,6 +70,7 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
 def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops):
     """One decode step's layers, each RUN, PROPAGATE (K/V only) or SKIP.
 
+    `params["layers"]` is stacked or, faster, a per-layer tuple (`decode_layout`).
     `ops` is either a tuple of Python ints — the schedule is baked into the program
     and skipped layers emit no code at all ("static" mode) — or an int array (L,)
     traced at run time, where each layer becomes a `lax.switch` ("compiled" mode: a
@@ -78,31 +79,82 @@ def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops
     The cache write sits outside the switch, so no branch carries the cache through
     (which would make XLA copy it). A skipped layer writes zeros: a slot it skips is
     never read, since a skip is only compiled where no later step runs that layer.
+    A layer reads only its own cache slice, so the static form writes every layer's
+    K/V after the last layer, once all reads are done (see `_after_layers`).
     """
     fam = family(config)
+    layers = params["layers"]
+    pending = []  # static mode: (layer, k, v) to write once every layer has read the cache
     for l in range(config.num_layers):
-        p = layer_slice(params["layers"], l)
-        ck, cv = cache.k[l], cache.v[l]
+        p = layers[l] if isinstance(layers, (tuple, list)) else layer_slice(layers, l)
         op = ops[l]
         if isinstance(op, int):
             if op == SKIP:
                 continue
             if op == RUN:
-                h, k, v = fam.block(p, h, ctx, config, ck, cv)
+                h, k, v = fam.block(p, h, ctx, config, cache.k[l], cache.v[l])
             else:
                 k, v = fam.kv(p, h, ctx, config)
+            pending.append((l, k, v))
         else:
+            # The branches slice layer l out of the whole cache themselves: a slice
+            # passed in as an operand would be materialised (copied) every step.
             h, k, v = jax.lax.switch(
                 op,
                 [
-                    lambda h: fam.block(p, h, ctx, config, ck, cv),
+                    lambda h, cache=cache, l=l: fam.block(p, h, ctx, config, cache.k[l], cache.v[l]),
                     lambda h: (h, *fam.kv(p, h, ctx, config)),
-                    lambda h: (h, *_zeros_kv(h, config, ck.dtype)),
+                    lambda h: (h, *_zeros_kv(h, config, cache.k.dtype)),
                 ],
                 h,
             )
-        cache = cache.write_layer(l, k, v)
+            cache = cache.write_layer(l, k, v)
+    for l, k, v in pending:
+        cache = cache.write_layer(l, _after_layers(k, h), _after_layers(v, h))
     return h, cache
+
+
+def _after_layers(kv, h):
+    """`kv` (B, H, T, Dh), made to depend on the step's output `h` (B, T, D); same values.
+
+    XLA updates the cache in place only when it can prove that every read of the old
+    cache comes first. Straight-line code gives it no such order (a layer's K/V are
+    ready before its attention reads the cache), so it would copy the whole cache for
+    every layer of every step (docs/performance.md). Adding 0 x (a value of h) orders
+    the writes after the last layer, hence after every read: XLA does not fold x * 0
+    for floats (NaN semantics), and the sum is exact for finite h (and per row, so
+    nothing leaks across the batch). In compiled mode each write already consumes the
+    output of its layer's `lax.switch`.
+    """
+    return kv + (0 * h[:, None, :1, :1]).astype(kv.dtype)
+
+
+def decode_layout(params):
+    """`params` laid out for the decode loop: `layers` a tuple of per-layer pytrees, and
+    every dense kernel stored transposed, (out, in), as `kernel_t` (Phi's LM head too).
+
+    A decode step is a chain of matrix-vector products bound by memory bandwidth. On
+    XLA's CPU backend they stream (out, in) weights faster than (in, out) ones (+15%
+    at one row, +40% at four, docs/performance.md), and a layer taken out of the
+    stacked (L, ...) arrays inside the loop is a slice that XLA copies before every
+    dot (2-3x the memory traffic). `hsd_jax.generate` makes this copy once per set of
+    weights and keeps it (`_decode_params`); `dense` and the heads read either layout.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    out = {**params, "layers": tuple(_transpose_kernels(layer_slice(layers, l)) for l in range(n))}
+    if "lm_head" in params and "kernel" in params["lm_head"]:
+        out["lm_head"] = _transpose_kernels(params["lm_head"])
+    return out
+
+
+def _transpose_kernels(tree):
+    if not isinstance(tree, dict):
+        return tree
+    return {("kernel_t" if k == "kernel" else k): (v.T if k == "kernel" else _transpose_kernels(v))
+            for k, v in tree.items()}
 
 
 def _zeros_kv(h, config: ModelConfig, dtype):
@@ -123,5 +175,5 @@ def decode_step(params, config: ModelConfig, tokens, cache: KVCache, ops):
 
 __all__ = [
     "FAMILIES", "RUN", "PROPAGATE", "SKIP", "Context", "KVCache", "ModelConfig",
-    "context", "decode_step", "family", "forward", "run_layers",
+    "context", "decode_layout", "decode_step", "family", "forward", "run_layers",
 ]

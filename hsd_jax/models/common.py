@@ -111,8 +111,17 @@ class KVCache:
         return self.replace(valid=valid, index=self.index + new_mask.shape[1])
 
     def reorder(self, rows: jax.Array) -> "KVCache":
-        """Gathers batch rows (beam search keeps the parents of the surviving beams)."""
-        return self.replace(k=self.k[:, rows], v=self.v[:, rows], valid=self.valid[rows])
+        """Gathers batch rows (beam search keeps the parents of the surviving beams).
+
+        One dynamic slice per row, concatenated: XLA's gather (`k[:, rows]`) gives its
+        result a layout with the row axis outermost, and every later cache write or
+        layer slice then pays a full-cache transposing copy (docs/performance.md).
+        """
+        def take(x, axis):
+            return jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, rows[r], 1, axis=axis)
+                                    for r in range(rows.shape[0])], axis=axis)
+
+        return self.replace(k=take(self.k, 1), v=take(self.v, 1), valid=self.valid[rows])
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
@@ -124,10 +133,19 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def dense(p: dict, x: jax.Array) -> jax.Array:
-    """x @ kernel + bias, kernel stored (in, out)."""
-    y = jnp.einsum("...i,io->...o", x, p["kernel"])
-    return y + p["bias"] if "bias" in p else y
+def dense(p: dict, x: jax.Array, out: slice | None = None) -> jax.Array:
+    """x @ kernel + bias, with the kernel stored (in, out) as `kernel`, or (out, in) as
+    `kernel_t` (the decode layout, see `hsd_jax.models.decode_layout`). `out` keeps
+    only those output features (and bias entries)."""
+    if "kernel_t" in p:
+        w = p["kernel_t"] if out is None else p["kernel_t"][out]
+        y = jnp.einsum("...i,oi->...o", x, w)
+    else:
+        w = p["kernel"] if out is None else p["kernel"][:, out]
+        y = jnp.einsum("...i,io->...o", x, w)
+    if "bias" not in p:
+        return y
+    return y + (p["bias"] if out is None else p["bias"][out])
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -161,6 +179,9 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     The two key sets share one softmax, so the new keys need not be written into the
     cache first: a decode step can write its K/V after the layer, unconditionally.
     q, k, v: (B, H, T, Dh); cache_k, cache_v: (B, H, S, Dh). Returns (B, H, T, Dh).
+
+    The softmax is merged from the two parts (a shared max, summed denominators), so
+    no (S + T)-wide score array is concatenated and split again.
     """
     scale = q.shape[-1] ** -0.5
     t = q.shape[2]
@@ -168,17 +189,16 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     new_mask = causal[None, None] & ctx.new_valid[:, None, None, :]  # (B, 1, T, T)
     scores = jnp.einsum("bhtd,bhud->bhtu", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(new_mask, scores, _MASKED)
-    if cache_k is not None:
-        cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32) * scale
-        cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores, _MASKED)
-        scores = jnp.concatenate([cache_scores, scores], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if cache_k is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bhtu,bhud->bhtd", probs, v)
-    s = cache_k.shape[2]
-    return jnp.einsum("bhts,bhsd->bhtd", probs[..., :s], cache_v) + jnp.einsum(
-        "bhtu,bhud->bhtd", probs[..., s:], v
-    )
+    cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32) * scale
+    cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores, _MASKED)  # (B, H, T, S)
+    top = jnp.maximum(jnp.max(cache_scores, axis=-1, keepdims=True), jnp.max(scores, axis=-1, keepdims=True))
+    cache_w, new_w = jnp.exp(cache_scores - top), jnp.exp(scores - top)  # unnormalised probabilities
+    total = jnp.sum(cache_w, axis=-1, keepdims=True) + jnp.sum(new_w, axis=-1, keepdims=True)  # (B, H, T, 1)
+    cache_w, new_w = (cache_w / total).astype(v.dtype), (new_w / total).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", cache_w, cache_v) + jnp.einsum("bhtu,bhud->bhtd", new_w, v)
 
 
 def layer_slice(stacked: Any, layer) -> Any:

@@ -111,10 +111,7 @@ def _qkv(p, x, c: ModelConfig):
 def kv(p, x, ctx: Context, c: ModelConfig):
     """Only the keys/values a layer would cache for input `x` (state propagation)."""
     h = layer_norm(p["ln_1"], x, c.layer_norm_eps)
-    d = c.hidden_size
-    w = p["attn"]["c_attn"]
-    kv_ = h @ w["kernel"][:, d:] + w["bias"][d:]
-    k, v = jnp.split(kv_, 2, axis=-1)
+    k, v = jnp.split(dense(p["attn"]["c_attn"], h, out=slice(c.hidden_size, None)), 2, axis=-1)
     return split_heads(k, c.num_heads), split_heads(v, c.num_heads)
 
 

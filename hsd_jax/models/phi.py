@@ -148,5 +148,8 @@ def head(params, x, c: ModelConfig):
     """Final LayerNorm and the untied LM head (with bias); float32 logits (B, T, V)."""
     h = layer_norm(params["final_layernorm"], x, c.layer_norm_eps)
     lm = params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", h, lm["kernel"], preferred_element_type=jnp.float32)
+    if "kernel_t" in lm:  # the decode layout stores it (V, D)
+        logits = jnp.einsum("btd,vd->btv", h, lm["kernel_t"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", h, lm["kernel"], preferred_element_type=jnp.float32)
     return logits + lm["bias"].astype(jnp.float32)
