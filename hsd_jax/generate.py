@@ -229,6 +229,10 @@ def _dtype(params):
 
 def _prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
     cache = KVCache.init(config, ids.shape[0], cache_len, _dtype(params))
+    # An all-false `valid` is a constant that XLA would fold through the prompt's
+    # (B, H, T, S) cache attention scores, slowly (8 s of compile at a 512-token
+    # prompt); the barrier keeps it a value.
+    cache = cache.replace(valid=jax.lax.optimization_barrier(cache.valid))
     logits, cache = forward(params, config, ids, mask, cache)
     state = search.update(search.init(cache, ids.shape[0]), logits[:, -1])
     step_layers = jnp.zeros((search.max_new_tokens,), jnp.int32).at[0].set(config.num_layers)
@@ -294,7 +298,7 @@ def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int)
 
     if mode == "compiled":
         def run(params, decode_params, ids, mask, ops):
-            state, layers = _prefill(params, config, search, ids, mask, cache_len)
+            state, layers = _prefill(decode_params, config, search, ids, mask, cache_len)
             state, layers = _loop(decode_params, search, state, layers, _schedule_step(config, lambda t: ops[t]))
             return _finish(search, state, layers)
 
@@ -304,7 +308,7 @@ def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int)
         segments = tuple((start, stop, tuple(int(op) for op in row)) for start, stop, row in sched.segments())
 
         def run(params, decode_params, ids, mask):
-            state, layers = _prefill(params, config, search, ids, mask, cache_len)
+            state, layers = _prefill(decode_params, config, search, ids, mask, cache_len)
             for start, stop, ops in segments:
                 step = _schedule_step(config, lambda t, ops=ops: ops)
                 state, layers = _loop(decode_params, search, state, layers, step, until=stop)
@@ -377,9 +381,9 @@ def _eager(config: ModelConfig, search, table: np.ndarray, cache_len: int):
     """The reference: Python control flow over steps and layers, no jit around them."""
 
     def run(params, ids, mask):
+        params = _decode_params(params)[0]  # each layer's weights apart, made once
         state, layers = _prefill(params, config, search, ids, mask, cache_len)
         layers = np.array(layers)  # writable host copy
-        params = _decode_params(params)[0]  # each layer's weights apart, made once
         while not bool(search.done(state)):
             t = int(state.i) - 1
             ops = tuple(int(op) for op in table[t])

@@ -37,7 +37,8 @@ def context(cache: KVCache | None, new_mask: jax.Array) -> Context:
 
 def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVCache | None = None,
             active=None):
-    """All layers over T tokens, scanned over the stacked layer axis.
+    """All layers over T tokens, scanned over the stacked layer axis (unrolled over a
+    per-layer tuple: the decode layout, `decode_layout`).
 
     tokens, attention_mask: (B, T). With a cache, the new tokens also attend to its
     valid slots and their K/V are written at `cache.index` (a prefill). `active`
@@ -61,7 +62,15 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
         return out, (k, v)
 
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
-    h, (k, v) = jax.lax.scan(layer, h, (params["layers"], ck, cv, active))
+    if isinstance(params["layers"], (tuple, list)):  # the decode layout: the same layer, unrolled
+        kvs = []
+        for l, p in enumerate(params["layers"]):
+            h, kv_ = layer(h, (p, None if ck is None else ck[l], None if cv is None else cv[l],
+                               None if active is None else active[l]))
+            kvs.append(kv_)
+        k, v = (jnp.stack(x) for x in zip(*kvs))
+    else:
+        h, (k, v) = jax.lax.scan(layer, h, (params["layers"], ck, cv, active))
     if cache is not None:
         cache = cache.write_all(k, v).advance(attention_mask)
     return fam.head(params, h, config), cache

@@ -179,9 +179,6 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     The two key sets share one softmax, so the new keys need not be written into the
     cache first: a decode step can write its K/V after the layer, unconditionally.
     q, k, v: (B, H, T, Dh); cache_k, cache_v: (B, H, S, Dh). Returns (B, H, T, Dh).
-
-    The softmax is merged from the two parts (a shared max, summed denominators), so
-    no (S + T)-wide score array is concatenated and split again.
     """
     scale = q.shape[-1] ** -0.5
     t = q.shape[2]
@@ -189,16 +186,17 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     new_mask = causal[None, None] & ctx.new_valid[:, None, None, :]  # (B, 1, T, T)
     scores = jnp.einsum("bhtd,bhud->bhtu", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(new_mask, scores, _MASKED)
+    if cache_k is not None:
+        cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32) * scale
+        cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores, _MASKED)
+        scores = jnp.concatenate([cache_scores, scores], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if cache_k is None:
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bhtu,bhud->bhtd", probs, v)
-    cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32) * scale
-    cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores, _MASKED)  # (B, H, T, S)
-    top = jnp.maximum(jnp.max(cache_scores, axis=-1, keepdims=True), jnp.max(scores, axis=-1, keepdims=True))
-    cache_w, new_w = jnp.exp(cache_scores - top), jnp.exp(scores - top)  # unnormalised probabilities
-    total = jnp.sum(cache_w, axis=-1, keepdims=True) + jnp.sum(new_w, axis=-1, keepdims=True)  # (B, H, T, 1)
-    cache_w, new_w = (cache_w / total).astype(v.dtype), (new_w / total).astype(v.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", cache_w, cache_v) + jnp.einsum("bhtu,bhud->bhtd", new_w, v)
+    s = cache_k.shape[2]
+    return jnp.einsum("bhts,bhsd->bhtd", probs[..., :s], cache_v) + jnp.einsum(
+        "bhtu,bhud->bhtd", probs[..., s:], v
+    )
 
 
 def layer_slice(stacked: Any, layer) -> Any:
