@@ -1,0 +1,674 @@
+"""Side-by-side decode benchmarks: transformers against hsd-jax, vanilla against schedules.
+
+One `Case` is a model architecture (random weights, nothing to download), a dtype, a
+prompt length, a batch size and a beam count. For a case, every `Run` — transformers'
+PyTorch `generate`, hsd-jax eager / compiled / static, each schedule — is warmed up
+once (that call's compile time is reported apart), then all runs are timed in turn,
+`repeats` rounds, together with a memory-bandwidth probe, so every figure of a case
+comes from the same minutes of the same machine. A figure is the median of its rounds.
+
+Definitions (docs/benchmarks.md restates them):
+
+- tokens/s = inputs x new tokens / wall seconds of one `generate` call (prefill +
+  decode; compile excluded; hsd-jax calls go through the public `generate`).
+- weight bytes of a decode step = the LM head (final norm, output matrix and bias)
+  plus, per layer, all its weights if the step runs it, its input norm and K/V
+  projections if it only propagates K/V, nothing if it skips it. Embedding rows and
+  the KV cache are not counted. The prefill reads every weight once and produces
+  token 0; step t produces token t + 1, so N new tokens read
+  prefill + steps 0 .. N-2.
+- ideal speedup of a schedule = weight bytes of the N tokens under vanilla / under
+  the schedule (the speedup if time were weight bytes over a fixed bandwidth).
+- memory roofline = inputs x bandwidth / vanilla weight bytes per token, with the
+  bandwidth measured in the same run (the best median of a matrix-vector product and
+  a reduction over an array about the size of the weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from hsd_jax.errors import HsdError
+
+# Architectures, as Hugging Face config keys. Weights are random (std 0.02, norms at
+# their identity), which does not change how long a forward pass takes.
+ARCHS: dict[str, dict[str, Any]] = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12},
+    "gpt2-medium": {"model_type": "gpt2", "n_layer": 24, "n_embd": 1024, "n_head": 16},
+    "gpt2-large": {"model_type": "gpt2", "n_layer": 36, "n_embd": 1280, "n_head": 20},
+    "phi-2": {"model_type": "phi", "num_hidden_layers": 32, "hidden_size": 2560, "num_attention_heads": 32,
+              "intermediate_size": 10240, "vocab_size": 51200, "partial_rotary_factor": 0.4,
+              "max_position_embeddings": 2048},
+    # Tiny stand-ins for smoke tests and --dry-run.
+    "tiny-gpt2": {"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "vocab_size": 512},
+    "tiny-phi": {"model_type": "phi", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+                 "intermediate_size": 128, "vocab_size": 512, "partial_rotary_factor": 0.5,
+                 "max_position_embeddings": 2048},
+}
+TINY = {"gpt2": "tiny-gpt2", "phi": "tiny-phi"}  # --dry-run swaps each model for the tiny one of its family
+
+RUNNERS = ("transformers", "eager", "compiled", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str  # a key of ARCHS
+    prompt_len: int
+    batch: int  # inputs
+    num_beams: int = 1
+    new_tokens: int = 64
+    dtype: str = "float32"
+    runners: tuple[str, ...] = RUNNERS  # vanilla under each of these
+    schedules: tuple[str, ...] = ()  # specs or presets, each under `schedule_runners`
+    schedule_runners: tuple[str, ...] = ("compiled", "static")
+
+    @property
+    def label(self) -> str:
+        search = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
+        return f"{self.model} {self.dtype} prompt={self.prompt_len} batch={self.batch} {search}"
+
+
+# --- models with random weights -----------------------------------------------------
+
+
+def hf_config(arch: str):
+    """The transformers config object of an architecture (no weights)."""
+    if arch not in ARCHS:
+        raise HsdError(f"unknown model {arch!r}; choose from {', '.join(ARCHS)}")
+    keys = dict(ARCHS[arch], bos_token_id=None, eos_token_id=None)  # EOS disabled in every benchmark
+    model_type = keys.pop("model_type")
+    if model_type == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(**keys)
+    from transformers import PhiConfig
+
+    return PhiConfig(**keys)
+
+
+def random_model(arch: str, dtype: str = "float32", seed: int = 0):
+    """A `LanguageModel` of the architecture with random weights, made directly in JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    from hsd_jax.checkpoint import LanguageModel
+    from hsd_jax.models import FAMILIES
+
+    hf = hf_config(arch).to_dict()
+    fam = FAMILIES[hf["model_type"]]
+    config = fam.config_from_hf(hf)
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    params: dict = {}
+    key = jax.random.PRNGKey(seed)
+    for i, (path, shape) in enumerate(sorted(fam.expected_shapes(config).items())):
+        if path[-1] == "scale":
+            value = jnp.ones(shape, jdtype)
+        elif path[-1] == "bias":
+            value = jnp.zeros(shape, jdtype)
+        else:
+            value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(jdtype)
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    jax.block_until_ready(params)
+    return LanguageModel(config=config, params=params, hf_config=hf, source=f"random {arch}")
+
+
+def torch_model(lm):
+    """The same weights in transformers' PyTorch model, for the baseline (float32, CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hsd_jax.checkpoint import tensors_from_params
+
+    config = hf_config_from_dict(lm.hf_config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in tensors_from_params(lm.params, lm.config).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    missing = [m for m in missing if "lm_head" not in m]  # tied to wte for GPT-2
+    if missing or unexpected:
+        raise HsdError(f"weights did not map onto transformers' model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_config_from_dict(hf: dict):
+    from transformers import AutoConfig
+
+    keys = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version", "architectures")}
+    return AutoConfig.for_model(hf["model_type"], **keys)
+
+
+# --- weight bytes and the ideal speedup ----------------------------------------------
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def weight_bytes(lm) -> dict[str, int]:
+    """Bytes a decode step reads: `head` always, per layer `layer` (run) or `kv` (propagate)."""
+    p, c = lm.params, lm.config
+    layers = p["layers"]
+    layer = _nbytes(layers) // c.num_layers
+    item = _first(layers).dtype.itemsize
+    d = c.hidden_size
+    if c.model_type == "gpt2":
+        head = _nbytes(p["ln_f"]) + _nbytes(p["wte"])  # tied: the head is wte
+        kv = (2 * d + d * 2 * d + 2 * d) * item  # ln_1, the K/V columns of c_attn and their bias
+    else:
+        head = _nbytes(p["final_layernorm"]) + _nbytes(p["lm_head"])
+        kv = (2 * d + 2 * (d * d + d)) * item  # input_layernorm, k_proj, v_proj
+    return {"head": head, "layer": layer, "kv": kv}
+
+
+def _first(tree):
+    import jax
+
+    return jax.tree.leaves(tree)[0]
+
+
+def schedule_bytes(ops: np.ndarray, sizes: dict[str, int], new_tokens: int) -> float:
+    """Mean weight bytes per generated token: the prefill (all layers) then steps 0 .. N-2."""
+    from hsd_jax.schedules import PROPAGATE, RUN
+
+    full = sizes["head"] + ops.shape[1] * sizes["layer"]
+    steps = ops[: new_tokens - 1]
+    per_step = sizes["head"] + (steps == RUN).sum(axis=1) * sizes["layer"] + (steps == PROPAGATE).sum(axis=1) * sizes["kv"]
+    return float((full + per_step.sum()) / new_tokens)
+
+
+# --- memory bandwidth ------------------------------------------------------------------
+
+
+class Bandwidth:
+    """Streams an array about the size of the model's weights, three ways.
+
+    `gemv` (x @ W, W read as (in, out)), `gemv_t` (x @ W.T, W read as (out, in)) and
+    `reduce` (sum of W); the bandwidth is the best of their medians, the highest rate
+    this machine showed for reading that many bytes, so the roofline is not flattered.
+    """
+
+    def __init__(self, nbytes: int, dtype: str, cap: int):
+        import jax
+        import jax.numpy as jnp
+
+        jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+        item = jnp.dtype(jdtype).itemsize
+        rows = 4096
+        cols = max(1024, min(nbytes, cap) // (rows * item))
+        self.array = jax.random.normal(jax.random.PRNGKey(0), (rows, cols), jnp.float32).astype(jdtype)
+        self.nbytes = rows * cols * item
+        x, xt = jnp.ones((1, rows), jdtype), jnp.ones((1, cols), jdtype)
+        gemv, gemv_t = jax.jit(lambda x, w: x @ w), jax.jit(lambda x, w: jnp.einsum("bi,oi->bo", x, w))
+        reduce = jax.jit(lambda w: jnp.sum(w, dtype=jnp.float32))
+        self.probes = {
+            "gemv": lambda: gemv(x, self.array),
+            "gemv_t": lambda: gemv_t(xt, self.array),
+            "reduce": lambda: reduce(self.array),
+        }
+        self.samples: dict[str, list[float]] = {k: [] for k in self.probes}
+        self.measure(record=False)  # compile and touch the pages
+
+    def measure(self, record: bool = True) -> None:
+        import jax
+
+        for name, probe in self.probes.items():
+            start = time.perf_counter()
+            jax.block_until_ready(probe())
+            seconds = time.perf_counter() - start
+            if record:
+                self.samples[name].append(self.nbytes / seconds)
+
+    def summary(self) -> dict:
+        medians = {k: statistics.median(v) for k, v in self.samples.items() if v}
+        best = max(medians, key=medians.get)
+        return {"bytes_per_second": medians[best], "probe": best, "array_bytes": self.nbytes,
+                "medians": medians, "samples": self.samples}
+
+
+# --- runs ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    runner: str
+    schedule: str
+    call: Callable[[], Any]  # one generate call; returns (tokens made, compile seconds, token rows, avg layers)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    compile_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    avg_layers: float = float("nan")
+    tokens: int = 0
+    recompiled: bool = False
+    output: Any = None
+
+
+def _prompts(case: Case, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (case.batch, case.prompt_len), dtype=np.int64)
+
+
+def _hsd_call(lm, ids: np.ndarray, case: Case, mode: str, schedule: str):
+    from hsd_jax.generate import generate
+
+    def call():
+        g = generate(lm, input_ids=ids, schedule=schedule, num_beams=case.num_beams, max_new_tokens=case.new_tokens,
+                     mode=mode, eos_token_id=None, pad_token_id=0)
+        return g.num_tokens, g.compile_seconds, g.sequences, g.avg_layers
+
+    return call
+
+
+def _torch_call(model, ids: np.ndarray, case: Case):
+    import torch
+
+    input_ids = torch.from_numpy(ids)
+    mask = torch.ones_like(input_ids)
+
+    def call():
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=case.new_tokens,
+                                 min_new_tokens=case.new_tokens, do_sample=False, num_beams=case.num_beams,
+                                 eos_token_id=None, pad_token_id=0, early_stopping=False, length_penalty=1.0)
+        new = out[:, ids.shape[1]:].numpy()
+        return int(new.size), 0.0, new.tolist(), float(lm_layers(model))
+
+    return call
+
+
+def lm_layers(model) -> int:
+    c = model.config
+    return getattr(c, "n_layer", None) or c.num_hidden_layers
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backend: str | None = None) -> dict:
+    """Times every run of a case side by side; returns the case's JSON record."""
+    import jax
+
+    from hsd_jax.schedules import resolve
+
+    backend = backend or jax.default_backend()
+    record: dict[str, Any] = {"case": dataclasses.asdict(case), "label": case.label, "runs": [], "notes": []}
+    total = sum(_nbytes_estimate(case.model, case.dtype).values())
+    runners = list(case.runners)
+    if "transformers" in runners and backend != "cpu":
+        runners.remove("transformers")
+        record["notes"].append("transformers runs on CPU only here; left out on " + backend)
+    available = _available_memory() if backend == "cpu" else None
+    if available is not None:
+        # JAX weights + their per-layer decode copy + the bandwidth array (+ PyTorch's copy).
+        need = 3 * total + (total if "transformers" in runners else 0)
+        if need > available and "transformers" in runners:
+            runners.remove("transformers")
+            record["notes"].append(f"transformers left out: ~{need / 2**30:.1f} GiB needed, {available / 2**30:.1f} available")
+            need -= total
+        if need > available:
+            record["notes"].append(f"skipped: ~{need / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB available")
+            record["skipped"] = True
+            log(f"{case.label}: {record['notes'][-1]}")
+            return record
+
+    log(f"{case.label}: building random weights ({total / 2**20:.0f} MiB)")
+    lm = random_model(case.model, case.dtype)
+    config = lm.config
+    ids = _prompts(case, config.vocab_size)
+    sizes = weight_bytes(lm)
+    vanilla = resolve("vanilla", num_layers=config.num_layers, max_new_tokens=case.new_tokens)
+    vanilla_bytes = schedule_bytes(vanilla.layer_ops(), sizes, case.new_tokens)
+    record["weights"] = {"total_bytes": _nbytes(lm.params), **{f"{k}_bytes": v for k, v in sizes.items()},
+                         "vanilla_bytes_per_token": vanilla_bytes, "num_layers": config.num_layers}
+
+    runs: list[Run] = []
+    torch_model_ = None
+    if "transformers" in runners:
+        torch_model_ = torch_model(lm)
+        runs.append(Run("transformers", "vanilla", _torch_call(torch_model_, ids, case)))
+    for mode in ("eager", "compiled", "static"):
+        if mode in runners:
+            runs.append(Run(mode, "vanilla", _hsd_call(lm, ids, case, mode, "vanilla")))
+    bytes_of = {"vanilla": vanilla_bytes}
+    avg_of = {"vanilla": float(config.num_layers)}
+    for spec in case.schedules:
+        sched = resolve(spec, num_layers=config.num_layers, max_new_tokens=case.new_tokens)
+        if not hasattr(sched, "layer_ops"):
+            raise HsdError(f"{spec}: the benchmark times static schedules; CALM has eval/bench_calm.py")
+        bytes_of[spec] = schedule_bytes(sched.layer_ops(), sizes, case.new_tokens)
+        ops = sched.layer_ops()[: case.new_tokens - 1]
+        avg_of[spec] = float((config.num_layers + (ops == 0).sum()) / case.new_tokens)
+        for mode in case.schedule_runners:
+            runs.append(Run(mode, spec, _hsd_call(lm, ids, case, mode, spec)))
+
+    bandwidth = Bandwidth(int(vanilla_bytes), case.dtype, cap=(1 << 30) if backend == "cpu" else (4 << 30))
+    for run in runs:  # warm-up: compiles (hsd-jax) or fills caches (PyTorch)
+        start = time.perf_counter()
+        run.tokens, run.compile_seconds, run.output, run.avg_layers = run.call()
+        run.warmup_seconds = time.perf_counter() - start
+        log(f"  warm-up {run.runner:12s} {run.schedule:28s} {run.warmup_seconds:7.2f}s (compile {run.compile_seconds:.2f}s)")
+    for r in range(repeats):
+        for run in runs:
+            start = time.perf_counter()
+            _, compile_seconds, _, _ = run.call()
+            run.seconds.append(time.perf_counter() - start)
+            run.recompiled |= compile_seconds > 0
+        bandwidth.measure()
+        line = "  ".join(f"{run.runner[:5]}/{run.schedule[:12]} {run.seconds[-1]:.2f}" for run in runs)
+        log(f"  round {r + 1}/{repeats}: {line}")
+    bw = bandwidth.summary()
+    record["bandwidth"] = bw
+    inputs = case.batch
+    roofline = inputs * bw["bytes_per_second"] / vanilla_bytes * 1.0
+    record["roofline_tokens_per_second"] = roofline
+
+    medians = {(run.runner, run.schedule): statistics.median(run.seconds) for run in runs}
+    reference = next((run.output for run in runs if run.runner == "compiled" and run.schedule == "vanilla"), None)
+    for run in runs:
+        seconds = medians[(run.runner, run.schedule)]
+        tps = inputs * case.new_tokens / seconds
+        base = medians.get((run.runner, "vanilla"))
+        hf = medians.get(("transformers", "vanilla"))
+        ideal = vanilla_bytes / bytes_of[run.schedule]
+        speedup = base / seconds if base else None
+        entry = {
+            "runner": run.runner, "schedule": run.schedule, "tokens": run.tokens,
+            "seconds_median": seconds, "seconds": run.seconds, "tokens_per_second": tps,
+            "compile_seconds": run.compile_seconds, "warmup_seconds": run.warmup_seconds,
+            "recompiled_while_timed": run.recompiled,
+            "avg_layers": avg_of[run.schedule],
+            "weight_bytes_per_token": bytes_of[run.schedule],
+            "speedup_vs_transformers": hf / seconds if hf else None,
+            "speedup_vs_vanilla": speedup,
+            "ideal_speedup": ideal,
+            "fraction_of_ideal_saving": (speedup - 1) / (ideal - 1) if speedup and ideal > 1 else None,
+            "speedup_over_ideal": speedup / ideal if speedup else None,
+            "fraction_of_roofline": tps / (inputs * bw["bytes_per_second"] / bytes_of[run.schedule]),
+        }
+        if reference is not None and run.schedule == "vanilla" and run.runner != "compiled":
+            same = np.asarray(run.output) == np.asarray(reference)
+            entry["tokens_equal_compiled"] = float(same.mean())
+        record["runs"].append(entry)
+    del runs, torch_model_, lm, bandwidth
+    gc.collect()
+    return record
+
+
+def _nbytes_estimate(arch: str, dtype: str) -> dict[str, int]:
+    """Parameter bytes from the config alone (before anything is allocated)."""
+    from hsd_jax.models import FAMILIES
+
+    hf = hf_config(arch).to_dict()
+    config = FAMILIES[hf["model_type"]].config_from_hf(hf)
+    item = 4 if dtype == "float32" else 2
+    shapes = FAMILIES[hf["model_type"]].expected_shapes(config)
+    return {"/".join(k): int(np.prod(v)) * item for k, v in shapes.items()}
+
+
+# --- the suite -----------------------------------------------------------------------
+
+
+def environment() -> dict:
+    import jax
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "python": platform.python_version(),
+    }
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def run_suite(cases: Sequence[Case], repeats: int, json_path=None, log: Callable[[str], None] = print,
+              suite: str = "custom", max_seconds: float | None = None) -> dict:
+    """Runs the cases in order, rewriting `json_path` (atomically) after each one."""
+    from hsd_jax.io import write_json
+
+    result = {"suite": suite, "repeats": repeats, "environment": environment(), "cases": [],
+              "definitions": __doc__.split("Definitions (docs/benchmarks.md restates them):")[1].strip()}
+    start = time.perf_counter()
+    for case in cases:
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            result["cases"].append({"case": dataclasses.asdict(case), "label": case.label, "runs": [],
+                                    "skipped": True, "notes": [f"skipped: past --max-seconds {max_seconds:g}"]})
+            continue
+        result["cases"].append(run_case(case, repeats, log=log))
+        result["checks"] = targets(result)
+        result["environment"]["load_average_end"] = environment().get("load_average")
+        if json_path is not None:
+            write_json(json_path, result)
+    result["checks"] = targets(result)
+    if json_path is not None:
+        write_json(json_path, result)
+    return result
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's CPU targets, evaluated on every case they apply to (GPT-2 small, float32, batch 1, prompt 32)."""
+    checks = []
+    for rec in result["cases"]:
+        c = rec["case"]
+        if rec.get("skipped") or c["model"] != "gpt2" or c["dtype"] != "float32" or c["batch"] != 1 or c["prompt_len"] != 32:
+            continue
+        runs = {(r["runner"], r["schedule"]): r for r in rec["runs"]}
+        comp = runs.get(("compiled", "vanilla"))
+        stat = runs.get(("static", "vanilla"))
+        greedy = c["num_beams"] == 1
+        if comp and comp["speedup_vs_transformers"] is not None:
+            need = 2.0 if greedy else 3.0
+            checks.append(_check(f"{rec['label']}: compiled vs transformers", comp["speedup_vs_transformers"], need, "x"))
+        if comp and greedy:
+            checks.append(_check(f"{rec['label']}: compiled, fraction of memory roofline", comp["fraction_of_roofline"], 0.8, ""))
+        if comp and stat:
+            checks.append(_check(f"{rec['label']}: static / compiled speed", comp["seconds_median"] / stat["seconds_median"], 1.0, "x"))
+        for r in rec["runs"]:
+            if r["schedule"] != "vanilla" and r["speedup_over_ideal"] is not None and greedy:
+                checks.append(_check(f"{rec['label']}: {r['runner']} {r['schedule']} speedup / ideal",
+                                     r["speedup_over_ideal"], 0.9, ""))
+    return checks
+
+
+def _check(name: str, value: float, need: float, unit: str) -> dict:
+    return {"check": name, "value": value, "target": need, "unit": unit, "met": bool(value >= need)}
+
+
+# --- printing ----------------------------------------------------------------------
+
+
+def case_rows(rec: dict) -> list[list[str]]:
+    """One table row per run of a case."""
+    rows = []
+    for r in rec["runs"]:
+        rows.append([
+            r["runner"], _short(r["schedule"]), f"{r['avg_layers']:.2f}", f"{r['tokens_per_second']:.2f}",
+            _fmt(r["speedup_vs_transformers"], "x"),
+            _fmt(r["speedup_vs_vanilla"], "x") if r["schedule"] != "vanilla" else "",
+            _fmt(r["ideal_speedup"], "x") if r["schedule"] != "vanilla" else "",
+            _fmt(r["speedup_over_ideal"], "", pct=True) if r["schedule"] != "vanilla" else "",
+            _fmt(r["fraction_of_roofline"], "", pct=True),
+            f"{r['compile_seconds']:.1f}" if r["runner"] in ("compiled", "static") else "",
+        ])
+    return rows
+
+
+HEADER = ["runner", "schedule", "avg layers", "tok/s", "vs HF", "speedup", "ideal", "of ideal", "roofline",
+          "compile s"]
+
+
+def _short(spec: str) -> str:
+    return spec.replace(",T=64", "").replace(",warmup=0", "")
+
+
+def _fmt(value, unit: str, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f}%" if pct else f"{value:.2f}{unit}"
+
+
+def _case_title(rec: dict) -> str:
+    if rec.get("skipped"):
+        return rec["label"]
+    bw = rec["bandwidth"]
+    return (f"{rec['label']}: bandwidth {bw['bytes_per_second'] / 1e9:.2f} GB/s ({bw['probe']}), "
+            f"roofline {rec['roofline_tokens_per_second']:.2f} tok/s")
+
+
+def format_table(result: dict) -> str:
+    """The results as plain text: one table per case, then the target checks."""
+    lines = [f"hsd-jax bench: {result['suite']} on {result['environment']['device']}, "
+             f"medians of {result['repeats']}"]
+    for rec in result["cases"]:
+        lines += ["", _case_title(rec)]
+        lines += [f"  {note}" for note in rec.get("notes", [])]
+        if not rec["runs"]:
+            continue
+        rows = [HEADER] + case_rows(rec)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+        for n, row in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                          for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            if n == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+    if result.get("checks"):
+        lines += ["", "targets:"] + ["  " + _check_line(c) for c in result["checks"]]
+    return "\n".join(lines)
+
+
+def _check_line(c: dict) -> str:
+    value = f"{c['value']:.2f}{c['unit']}" if c["unit"] else f"{100 * c['value']:.0f}%"
+    need = f"{c['target']:.2f}{c['unit']}" if c["unit"] else f"{100 * c['target']:.0f}%"
+    return f"{'met ' if c['met'] else 'MISS'}  {c['check']}: {value} (target >= {need})"
+
+
+def print_table(result: dict) -> None:
+    """Rich tables when rich is installed, else `format_table`."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(format_table(result))
+        return
+    console = Console(width=None if Console().is_terminal else 120)
+    console.print(f"hsd-jax bench: {result['suite']} on {result['environment']['device']}, "
+                  f"medians of {result['repeats']}", markup=False)
+    for rec in result["cases"]:
+        table = Table(title=_case_title(rec), title_justify="left")
+        for h in HEADER:
+            table.add_column(h, justify="left" if h in ("runner", "schedule") else "right", no_wrap=True)
+        for row in case_rows(rec):
+            table.add_row(*row)
+        console.print(table)
+        for note in rec.get("notes", []):
+            console.print(f"  {note}", markup=False)
+    for c in result.get("checks", []):
+        console.print(_check_line(c), markup=False)
+
+
+# --- suites --------------------------------------------------------------------------
+
+
+def load_suites(path=None) -> tuple[dict, dict]:
+    """(SUITES, SCHEDULES) from eval/bench_suites.py of the source tree, or from `path`."""
+    import importlib.util
+    from pathlib import Path
+
+    if path is None:
+        candidates = [Path(__file__).resolve().parents[1] / "eval" / "bench_suites.py",
+                      Path.cwd() / "eval" / "bench_suites.py"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise HsdError("eval/bench_suites.py not found (it ships with the source tree); run from a checkout "
+                           "or pass --suites-file")
+    path = Path(path)
+    if not path.is_file():
+        raise HsdError(f"suites file {path} does not exist")
+    spec = importlib.util.spec_from_file_location("hsd_jax_bench_suites", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SUITES, getattr(module, "SCHEDULES", {})
+
+
+def _tiny_schedule(spec: str, model: str, tiny_specs: list[str], new_tokens: int) -> str:
+    """The first of `tiny_specs` with the method (hsd, skipdecode, ...) that `spec` has on `model`."""
+    from hsd_jax.models import FAMILIES
+    from hsd_jax.schedules import resolve
+
+    hf = hf_config(model).to_dict()
+    layers = FAMILIES[hf["model_type"]].config_from_hf(hf).num_layers
+    method = resolve(spec, num_layers=layers, max_new_tokens=new_tokens).spec.partition(":")[0]
+    return next((s for s in tiny_specs if s.partition(":")[0] == method), spec)
+
+
+def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batches=None, beams=None,
+                runners=None, schedule_specs=None, dtype=None, new_tokens=None, dry_run=False) -> list[Case]:
+    """The cases of a suite, with any axis replaced by the given overrides."""
+    models = list(models or suite["models"])
+    prompts = list(prompts or suite["prompts"])
+    settings = [tuple(s) for s in suite["settings"]]
+    sched_settings = [tuple(s) for s in suite.get("schedule_settings", settings)]
+    if batches or beams:
+        settings = [(b, k) for b in (batches or sorted({s[0] for s in settings}))
+                    for k in (beams or sorted({s[1] for s in settings}))]
+        sched_settings = settings
+    runners = tuple(runners or suite["runners"])
+    for r in runners:
+        if r not in RUNNERS:
+            raise HsdError(f"unknown runner {r!r}; choose from {', '.join(RUNNERS)}")
+    dtype = dtype or suite.get("dtype", "float32")
+    new_tokens = new_tokens or suite.get("new_tokens", 64)
+    for model in models:
+        if model not in ARCHS:
+            raise HsdError(f"unknown model {model!r}; choose from {', '.join(ARCHS)}")
+    schedule_runners = tuple(suite.get("schedule_runners", ("compiled", "static")))
+
+    def case(model, prompt, setting):
+        specs = schedule_specs if schedule_specs is not None else suite.get("schedules", schedules.get(model, []))
+        if schedule_specs is None and "schedule_count" in suite:
+            specs = specs[: suite["schedule_count"]]
+        arch = TINY[ARCHS[model]["model_type"]] if dry_run else model
+        if dry_run and schedule_specs is None:  # the tiny model's schedule of the same method, for each
+            specs = [_tiny_schedule(spec, model, schedules.get(arch, []), new_tokens) for spec in specs]
+        specs = list(dict.fromkeys(specs))  # each once
+        batch, k = setting
+        return Case(model=arch, prompt_len=prompt, batch=batch, num_beams=k, new_tokens=new_tokens, dtype=dtype,
+                    runners=runners, schedules=tuple(specs) if setting in sched_settings else (),
+                    schedule_runners=schedule_runners)
+
+    if suite.get("order") == "settings":  # every model at the first setting, then the next...
+        return [case(m, p, s) for s in settings for p in prompts for m in models]
+    return [case(m, p, s) for m in models for p in prompts for s in settings]

@@ -1,0 +1,70 @@
+"""`hsd-jax bench`: side-by-side decode speed, transformers against hsd-jax, vanilla against schedules."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hsd_jax.errors import HsdError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="side-by-side speed benchmarks: transformers vs hsd-jax eager/compiled/static, schedules vs vanilla",
+        description="Time text generation with random-weight GPT-2 / Phi-2 architectures (nothing is downloaded): "
+        "transformers' PyTorch generate against hsd-jax's eager, compiled and static modes, and vanilla against "
+        "SkipDecode and HSD with the measured speedup next to the ideal one (weight bytes read per token), "
+        "against the memory roofline measured in the same run. Medians of --repeats rounds after a warm-up; "
+        "compile time reported apart; EOS disabled, so every run makes exactly --new-tokens tokens. "
+        "Suites are defined in eval/bench_suites.py; docs/benchmarks.md explains every column.",
+    )
+    p.add_argument("--suite", default="quick",
+                   help="quick (default: GPT-2 small, prompt 32, batch 1, a few minutes on CPU), full, gpu")
+    p.add_argument("--model", nargs="+", metavar="ARCH",
+                   help="architectures: gpt2, gpt2-medium, gpt2-large, phi-2 (tiny-gpt2, tiny-phi for tests)")
+    p.add_argument("--prompt", nargs="+", type=int, metavar="N", help="prompt lengths in tokens")
+    p.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes (inputs)")
+    p.add_argument("--beams", nargs="+", type=int, metavar="K", help="beam counts (1 = greedy)")
+    p.add_argument("--schedules", nargs="*", metavar="SPEC",
+                   help="schedules to compare with vanilla (specs or presets); none: vanilla only")
+    p.add_argument("--runners", nargs="+", choices=["transformers", "eager", "compiled", "static"],
+                   help="what vanilla runs under (schedules run under compiled and static)")
+    p.add_argument("--repeats", type=int, help="timed rounds per case (default: the suite's, 3)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per input (default 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: the suite's)")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="write the results here, atomically, after every case (default runs/bench/SUITE.json)")
+    p.add_argument("--suites-file", type=Path, metavar="PY", help="suites file (default eval/bench_suites.py)")
+    p.add_argument("--max-seconds", type=float, help="skip the cases that would start after this many seconds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny models of the same families and 1 repeat: checks that a suite runs, in seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hsd_jax import bench  # JAX and transformers load here, so `hsd-jax --help` stays fast
+
+    suites, schedules = bench.load_suites(args.suites_file)
+    if args.suite not in suites:
+        raise HsdError(f"unknown suite {args.suite!r}; the suites file defines {', '.join(suites)}")
+    suite = suites[args.suite]
+    for name in ("repeats", "new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("prompt", "batch", "beams"):
+        if any(v < 1 for v in getattr(args, name) or ()):
+            raise HsdError(f"--{name} values must be at least 1")
+    cases = bench.build_cases(suite, schedules, models=args.model, prompts=args.prompt, batches=args.batch,
+                              beams=args.beams, runners=args.runners, schedule_specs=args.schedules,
+                              dtype=args.dtype, new_tokens=args.new_tokens, dry_run=args.dry_run)
+    repeats = 1 if args.dry_run and args.repeats is None else (args.repeats or suite.get("repeats", 3))
+    name = args.suite + ("-dry-run" if args.dry_run else "")
+    path = args.json or Path("runs") / "bench" / f"{name}.json"
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds)
+    bench.print_table(result)
+    print(f"wrote {path}")
+    return 0
