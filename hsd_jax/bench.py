@@ -397,6 +397,7 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backe
         entry = {
             "runner": run.runner, "schedule": run.schedule, "tokens": run.tokens,
             "seconds_median": seconds, "seconds": run.seconds, "tokens_per_second": tps,
+            "spread": max(run.seconds) / min(run.seconds),  # slowest / fastest round: noise of this run
             "compile_seconds": run.compile_seconds, "warmup_seconds": run.warmup_seconds,
             "recompiled_while_timed": run.recompiled,
             "avg_layers": avg_of[run.schedule],
@@ -515,7 +516,8 @@ def case_rows(rec: dict) -> list[list[str]]:
     rows = []
     for r in rec["runs"]:
         rows.append([
-            r["runner"], _short(r["schedule"]), f"{r['avg_layers']:.2f}", f"{r['tokens_per_second']:.2f}",
+            r["runner"], _short(r["schedule"]), f"{r['avg_layers']:.2f}",
+            f"{r['tokens_per_second']:.2f}" + ("*" if r.get("spread", 1.0) > NOISY else ""),
             _fmt(r["speedup_vs_transformers"], "x"),
             _fmt(r["speedup_vs_vanilla"], "x") if r["schedule"] != "vanilla" else "",
             _fmt(r["ideal_speedup"], "x") if r["schedule"] != "vanilla" else "",
@@ -526,6 +528,7 @@ def case_rows(rec: dict) -> list[list[str]]:
     return rows
 
 
+NOISY = 1.5  # a run whose slowest round took this many times its fastest is starred in the table
 HEADER = ["runner", "schedule", "avg layers", "tok/s", "vs HF", "speedup", "ideal", "of ideal", "roofline",
           "compile s"]
 
@@ -564,9 +567,19 @@ def format_table(result: dict) -> str:
                                           for i, (c, w) in enumerate(zip(row, widths))).rstrip())
             if n == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
+    if _any_noisy(result):
+        lines += ["", _NOISY_NOTE]
     if result.get("checks"):
         lines += ["", "targets:"] + ["  " + _check_line(c) for c in result["checks"]]
     return "\n".join(lines)
+
+
+_NOISY_NOTE = (f"* its slowest round took over {NOISY}x its fastest: the machine was busy; "
+               "the rounds are in the JSON (`seconds`)")
+
+
+def _any_noisy(result: dict) -> bool:
+    return any(r.get("spread", 1.0) > NOISY for rec in result["cases"] for r in rec.get("runs", []))
 
 
 def _check_line(c: dict) -> str:
@@ -595,6 +608,8 @@ def print_table(result: dict) -> None:
         console.print(table)
         for note in rec.get("notes", []):
             console.print(f"  {note}", markup=False)
+    if _any_noisy(result):
+        console.print(_NOISY_NOTE, markup=False)
     for c in result.get("checks", []):
         console.print(_check_line(c), markup=False)
 

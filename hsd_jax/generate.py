@@ -233,7 +233,7 @@ def _prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
     # (B, H, T, S) cache attention scores, slowly (8 s of compile at a 512-token
     # prompt); the barrier keeps it a value.
     cache = cache.replace(valid=jax.lax.optimization_barrier(cache.valid))
-    logits, cache = forward(params, config, ids, mask, cache)
+    logits, cache = forward(params, config, ids, mask, cache, last_only=True)
     state = search.update(search.init(cache, ids.shape[0]), logits[:, -1])
     step_layers = jnp.zeros((search.max_new_tokens,), jnp.int32).at[0].set(config.num_layers)
     return state, step_layers

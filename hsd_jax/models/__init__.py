@@ -36,7 +36,7 @@ def context(cache: KVCache | None, new_mask: jax.Array) -> Context:
 
 
 def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVCache | None = None,
-            active=None):
+            active=None, last_only: bool = False):
     """All layers over T tokens, scanned over the stacked layer axis (unrolled over a
     per-layer tuple: the decode layout, `decode_layout`).
 
@@ -46,7 +46,9 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
     elsewhere the hidden state passes through — which lets a teacher-forced training
     forward compute exactly what a skip schedule computes (skipped positions still
     give their K/V from the hidden state passing through, i.e. state propagation).
-    Returns float32 logits (B, T, V) and the updated cache (or None).
+    Returns float32 logits (B, T, V) and the updated cache (or None); with
+    `last_only`, the logits of the last position only, (B, 1, V) (a prefill: the LM
+    head over all T positions would cost T times its weight reads in compute).
     """
     fam = family(config)
     if attention_mask is None:
@@ -73,7 +75,7 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
         h, (k, v) = jax.lax.scan(layer, h, (params["layers"], ck, cv, active))
     if cache is not None:
         cache = cache.write_all(k, v).advance(attention_mask)
-    return fam.head(params, h, config), cache
+    return fam.head(params, h[:, -1:] if last_only else h, config), cache
 
 
 def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops):
