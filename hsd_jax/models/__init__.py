@@ -103,7 +103,10 @@ def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops
             if op == SKIP:
                 continue
             if op == RUN:
-                h, k, v = fam.block(p, h, ctx, config, cache.k[l], cache.v[l])
+                # Read layer l's cache once the layer's input is ready, not all at the
+                # top of the step alongside the weight streaming (~2% faster on CPU).
+                ck, cv = _after_layers(cache.k[l], h), _after_layers(cache.v[l], h)
+                h, k, v = fam.block(p, h, ctx, config, ck, cv)
             else:
                 k, v = fam.kv(p, h, ctx, config)
             pending.append((l, k, v))
@@ -126,7 +129,7 @@ def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops
 
 
 def _after_layers(kv, h):
-    """`kv` (B, H, T, Dh), made to depend on the step's output `h` (B, T, D); same values.
+    """`kv` (B, H, T, Dh), made to depend on the hidden state `h` (B, T, D); same values.
 
     XLA updates the cache in place only when it can prove that every read of the old
     cache comes first. Straight-line code gives it no such order (a layer's K/V are
