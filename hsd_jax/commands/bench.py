@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                               beams=args.beams, runners=args.runners, schedule_specs=args.schedules,
                               dtype=args.dtype, new_tokens=args.new_tokens, dry_run=args.dry_run)
     repeats = 1 if args.dry_run and args.repeats is None else (args.repeats or suite.get("repeats", 3))
-    name = args.suite + ("-dry-run" if args.dry_run else "")
+    custom = any(getattr(args, a) is not None for a in ("model", "prompt", "batch", "beams", "schedules", "runners"))
+    name = args.suite + ("-custom" if custom else "") + ("-dry-run" if args.dry_run else "")
     path = args.json or Path("runs") / "bench" / f"{name}.json"
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds)
