@@ -9,14 +9,16 @@ attention or MLP, but their KV entries at this position are filled by state
 propagation (the family's `kv` of the exited hidden state), so later steps that run
 those layers attend to a complete cache. The token's logits are the exit layer's.
 
-Three forms over the same primitives (the family's `block`, `kv` and `head`):
+Three forms over the same primitives (the family's `block`, `kv` and `head`), all
+reading the weights in the decode layout of the schedule loop
+(`hsd_jax.models.decode_layout`, made once per set of weights by
+`hsd_jax.generate._decode_params`), prefill included:
 
 - compiled: the step is a `while_loop` over layers (the layer index is traced: a
-  `lax.switch` picks the layer's weights from per-layer buffers sliced once before
-  the decode loop, and its cache slot is read and written with a dynamic index),
-  followed by a `fori_loop` that propagates K/V for layers [exit, L). The
-  thresholds (N,) and `min_exit` are arguments, so every CALM setting reuses one
-  program per search and shape.
+  `lax.switch` picks the layer's weights and reads its cache slot, which is then
+  written with a dynamic index), followed by a `fori_loop` that propagates K/V for
+  layers [exit, L). The thresholds (N,) and `min_exit` are arguments, so every
+  CALM setting reuses one program per search and shape.
 - static: CALM has no schedule to bake in, so "static" runs the compiled program
   (the same executable; its exit point is data dependent by nature).
 - eager: plain Python over steps and layers, deciding each exit on the host; the
@@ -39,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsd_jax.models import KVCache, ModelConfig, context, family
-from hsd_jax.models.common import layer_slice
 from hsd_jax.schedules import CalmConfig
 
 
@@ -71,39 +72,27 @@ def confidence(logits: jax.Array) -> jax.Array:
     return (1.0 - jnp.exp(second - top[:, 0])) / z
 
 
-def per_layer(params):
-    """`params` with `layers` as a tuple of per-layer pytrees (unchanged if it already is).
-
-    Done once outside the decode loop, so the steps read loop-invariant weight buffers:
-    slicing a layer out of the stacked (L, ...) arrays inside the loop makes XLA copy
-    that layer's weights at every use.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(layer_slice(layers, l) for l in range(n))}
-
-
 def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, min_exit):
     """One decode step's layers with a data-dependent exit (traceable).
 
-    h: (R, 1, D) embedded tokens; threshold: () float32; min_exit: () int32, the
-    fewest layers the step runs. Returns the exit layer's (R, V) float32 logits, the
-    cache with every layer's K/V written at `cache.index` (run or propagated) and the
-    number of layers run, () int32. The layer index is traced: layer l's weights are
-    picked by a `lax.switch` over the per-layer parameters (see `per_layer`), and
-    its cache slot is read and written with dynamic indices outside the switch, so
-    no branch carries the cache.
+    params: the decode layout (`hsd_jax.models.decode_layout`); h: (R, 1, D) embedded
+    tokens; threshold: () float32; min_exit: () int32, the fewest layers the step
+    runs. Returns the exit layer's (R, V) float32 logits, the cache with every layer's
+    K/V written at `cache.index` (run or propagated) and the number of layers run,
+    () int32. The layer index is traced: a `lax.switch` picks layer l's weights, and
+    the cache write sits outside it, so no branch carries the cache.
     """
     fam = family(config)
     num_layers = config.num_layers
-    layers = per_layer(params)["layers"]
-    blocks = [lambda h, ck, cv, p=p: fam.block(p, h, ctx, config, ck, cv) for p in layers]
+    layers = params["layers"]
+    # The branches slice layer l out of the whole cache themselves: a slice at the
+    # traced index passed in as an operand would be materialised (copied) every layer.
+    blocks = [lambda h, ck, cv, l=l, p=p: fam.block(p, h, ctx, config, ck[l], cv[l])
+              for l, p in enumerate(layers)]
     kvs = [lambda h, p=p: fam.kv(p, h, ctx, config) for p in layers]
 
     def run(l, h, cache):
-        h, k, v = jax.lax.switch(l, blocks, h, cache.k[l], cache.v[l])
+        h, k, v = jax.lax.switch(l, blocks, h, cache.k, cache.v)
         return h, cache.write_layer(l, k, v)
 
     # Layers below the first exit test: no head, no test.
@@ -153,14 +142,14 @@ def calm_step(config: ModelConfig, thresholds, min_exit):
 def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: float, min_exit: int):
     """The reference step: Python over layers, the exit decided on the host.
 
-    Same contract as `calm_step`'s step; `threshold` is the step's float32 threshold.
+    Same contract as `calm_step`'s step (params in the decode layout); `threshold` is the step's float32 threshold.
     """
     fam = family(config)
     new_mask = jnp.ones((tokens.shape[0], 1), bool)
     ctx = context(cache, new_mask)
     h = fam.embed(params, tokens[:, None], ctx.positions, config)
     threshold = np.float32(threshold)
-    layers = per_layer(params)["layers"]
+    layers = params["layers"]
     n, logits = config.num_layers, None
     for l in range(config.num_layers):
         h, k, v = fam.block(layers[l], h, ctx, config, cache.k[l], cache.v[l])
@@ -177,44 +166,44 @@ def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: f
     return logits, cache.advance(new_mask), n
 
 
-def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int, programs: dict):
+def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int, programs: dict | None = None):
     """(run, extra args, compile seconds) for a CALM decode, as `generate._program` wants.
 
     "static" gets the compiled program (CALM has no schedule to bake in); "eager" the
-    host-side twin. The compiled program is keyed without lambda, tau or min_exit:
-    they are arguments, so changing them does not recompile.
+    host-side twin. Both read the weights' decode layout, made once per set of weights
+    (`generate._decode_params`); making it counts as compile time. The compiled
+    program is keyed without lambda, tau or min_exit: they are arguments, so changing
+    them does not recompile. `programs` is not used: `generate._compile` keeps them.
     """
     g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
 
     config = lm.config
     thresholds = step_thresholds(calm, search.max_new_tokens)
+    start = time.perf_counter()
+    fresh = g._decode_params(lm.params)[1]
+    layout_seconds = time.perf_counter() - start if fresh else 0.0
     if mode == "eager":
-        return _eager(config, search, thresholds, calm.min_exit, cache_len), (), 0.0
+        return _eager(config, search, thresholds, calm.min_exit, cache_len), (), layout_seconds
 
-    def run(params, ids, mask, thresholds, min_exit):
-        state, layers = g._prefill(params, config, search, ids, mask, cache_len)
+    def run(params, decode_params, ids, mask, thresholds, min_exit):
+        state, layers = g._prefill(decode_params, config, search, ids, mask, cache_len)
         step = calm_step(config, thresholds, min_exit)
-        state, layers = g._loop(per_layer(params), search, state, layers, step)
+        state, layers = g._loop(decode_params, search, state, layers, step)
         return g._finish(search, state, layers)
 
     key = ("calm", config, g._dtype(lm.params), search, shape, cache_len)
     args = (jnp.asarray(thresholds), jnp.asarray(calm.min_exit, jnp.int32))
-    if key in programs:
-        return programs[key], args, 0.0
-    start = time.perf_counter()
-    ids = jax.ShapeDtypeStruct(shape, jnp.int32)
-    mask = jax.ShapeDtypeStruct(shape, jnp.bool_)
-    programs[key] = jax.jit(run).lower(lm.params, ids, mask, *args).compile()
-    return programs[key], args, time.perf_counter() - start
+    program, args, seconds = g._compile(key, run, lm.params, shape, args, decode=True)
+    return program, args, seconds + layout_seconds
 
 
 def _eager(config: ModelConfig, search, thresholds: np.ndarray, min_exit: int, cache_len: int):
     g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
 
     def run(params, ids, mask):
+        params = g._decode_params(params)[0]  # each layer's weights apart, made once
         state, layers = g._prefill(params, config, search, ids, mask, cache_len)
         layers = np.array(layers)  # writable host copy
-        params = per_layer(params)  # slice each layer's weights once, not at every step
         while not bool(search.done(state)):
             t = int(state.i) - 1
             logits, cache, n = eager_step(params, config, search.last_tokens(state), state.cache,

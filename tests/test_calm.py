@@ -10,7 +10,7 @@ import hsd_jax
 from hsd_jax import generate
 from hsd_jax.calm import calm_step, confidence, eager_step, step_thresholds
 from hsd_jax.errors import HsdError
-from hsd_jax.models import KVCache, family, forward
+from hsd_jax.models import KVCache, decode_layout, family, forward
 from hsd_jax.models.common import layer_slice
 from hsd_jax.schedules import CalmConfig, resolve
 from tests.conftest import make_gpt2, make_phi
@@ -118,10 +118,12 @@ def test_propagated_cache_entries_are_kv_of_the_exit_state(lm, eager):
     cache = KVCache.init(config, 2, 6)
     _, cache = forward(params, config, ids, mask, cache)
     tokens = jnp.asarray([42, 7], jnp.int32)
+    layout = decode_layout(params)  # what the decode loop runs on
     if eager:
-        logits, out, n = eager_step(params, config, tokens, cache, 0.0, 2)
+        logits, out, n = eager_step(layout, config, tokens, cache, 0.0, 2)
     else:
-        logits, out, n = calm_step(config, jnp.zeros((NEW,), jnp.float32), jnp.asarray(2))(params, tokens, cache, 0)
+        step = calm_step(config, jnp.zeros((NEW,), jnp.float32), jnp.asarray(2))
+        logits, out, n = step(layout, tokens, cache, 0)
     assert int(n) == 2
 
     from hsd_jax.models import context
