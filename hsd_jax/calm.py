@@ -2,12 +2,15 @@
 
 Each decode step runs its layers in order. After every layer from the `min_exit`-th
 on, it measures the softmax response of the exited hidden state (top-1 minus top-2
-probability of `softmax(head(h))`) and exits once the least confident row of the
-batch (every beam of every input) reaches the step's threshold `λ_t`: one scalar
-decision per step, as in CALM's released t5x code. The layers above the exit run no
-attention or MLP, but their KV entries at this position are filled by state
-propagation (the family's `kv` of the exited hidden state), so later steps that run
-those layers attend to a complete cache. The token's logits are the exit layer's.
+probability of `softmax(head(h))`) and exits once the least confident live row
+reaches the step's threshold `λ_t`: one scalar decision per step, as in CALM's
+released t5x code. A live row is one whose next token can still change the output:
+every beam of every input, but not a greedy row that has emitted EOS (it only emits
+pad from then on); with no live row the step exits as early as allowed. The layers
+above the exit run no attention or MLP, but their KV entries at this position are
+filled by state propagation (the family's `kv` of the exited hidden state), so later
+steps that run those layers attend to a complete cache. The token's logits are the
+exit layer's.
 
 Three forms over the same primitives (the family's `block`, `kv` and `head`), all
 reading the weights in the decode layout of the schedule loop
@@ -28,13 +31,16 @@ Thresholds (METHOD.md): `λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1)` at deco
 t, with two endpoint rules **(choice)** so that the extremes mean what a user expects:
 `λ = 0` exits as early as allowed at every step (the decay term alone would keep a
 threshold of up to 0.1), and `λ > 1`, or any step whose `λ_t` reaches the clip
-ceiling 1, never exits (a confidence of exactly 1 can only come from float rounding).
+ceiling 1, never exits while a row is live (a confidence of exactly 1 can only come
+from float rounding).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +48,7 @@ import numpy as np
 
 from hsd_jax.models import KVCache, ModelConfig, context, family
 from hsd_jax.schedules import CalmConfig
+from hsd_jax.search import Greedy
 
 
 def step_thresholds(calm: CalmConfig, max_new_tokens: int) -> np.ndarray:
@@ -72,15 +79,53 @@ def confidence(logits: jax.Array) -> jax.Array:
     return (1.0 - jnp.exp(second - top[:, 0])) / z
 
 
-def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, min_exit):
+def confident(logits: jax.Array, threshold, live: jax.Array) -> jax.Array:
+    """The exit test, () bool: every live row's confidence reaches `threshold`.
+
+    Rows that are not live are left out (they no longer change the output), so with
+    none live the step exits as early as allowed.
+    """
+    return jnp.all((confidence(logits) >= threshold) | ~live)
+
+
+def live_rows(search, state) -> jax.Array:
+    """(R,) bool: the rows whose next token can still change the output.
+
+    A greedy row that has emitted EOS only emits pad from then on. Every beam row is
+    live: the K running beams of an input all keep running, as in transformers.
+    """
+    if isinstance(search, Greedy):
+        return ~state.finished
+    return jnp.ones(state.cache.valid.shape[:1], bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithLiveRows:
+    """`search`, with `last_tokens` giving `(tokens, live_rows)`.
+
+    `generate._loop` hands `last_tokens(state)` to the step as is: this is how a CALM
+    step learns which rows are live, with the loop left as the schedules use it.
+    """
+
+    search: Any
+
+    def __getattr__(self, name):
+        return getattr(self.search, name)
+
+    def last_tokens(self, state):
+        return self.search.last_tokens(state), live_rows(self.search, state)
+
+
+def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, min_exit, live):
     """One decode step's layers with a data-dependent exit (traceable).
 
     params: the decode layout (`hsd_jax.models.decode_layout`); h: (R, 1, D) embedded
     tokens; threshold: () float32; min_exit: () int32, the fewest layers the step
-    runs. Returns the exit layer's (R, V) float32 logits, the cache with every layer's
-    K/V written at `cache.index` (run or propagated) and the number of layers run,
-    () int32. The layer index is traced: a `lax.switch` picks layer l's weights, and
-    the cache write sits outside it, so no branch carries the cache.
+    runs; live: (R,) bool, the rows the exit test looks at (`confident`). Returns the
+    exit layer's (R, V) float32 logits, the cache with every layer's K/V written at
+    `cache.index` (run or propagated) and the number of layers run, () int32. The
+    layer index is traced: a `lax.switch` picks layer l's weights, and the cache
+    write sits outside it, so no branch carries the cache.
     """
     fam = family(config)
     num_layers = config.num_layers
@@ -105,7 +150,7 @@ def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, 
         l, h, cache, _, _ = carry
         h, cache = run(l, h, cache)
         logits = fam.head(params, h, config)[:, -1]  # (R, V)
-        exit_ = (l + 1 >= num_layers) | (jnp.min(confidence(logits)) >= threshold)
+        exit_ = (l + 1 >= num_layers) | confident(logits, threshold, live)
         return l + 1, h, cache, logits, exit_
 
     rows = h.shape[0]
@@ -125,24 +170,28 @@ def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, 
 def calm_step(config: ModelConfig, thresholds, min_exit):
     """A decode-loop step (`hsd_jax.generate.StepFn`) that exits early, CALM style.
 
-    thresholds: (N,) float32 (traced or not), indexed by the decode step t.
+    thresholds: (N,) float32 (traced or not), indexed by the decode step t. The step
+    takes `(tokens (R,), live (R,) bool)` where a schedule step takes the tokens:
+    what `_WithLiveRows.last_tokens` gives the decode loop.
     """
 
-    def step(params, tokens, cache, t):
+    def step(params, last, cache, t):
+        tokens, live = last
         fam = family(config)
         new_mask = jnp.ones((tokens.shape[0], 1), bool)
         ctx = context(cache, new_mask)
         h = fam.embed(params, tokens[:, None], ctx.positions, config)
-        logits, cache, n = calm_layers(params, config, h, ctx, cache, thresholds[t], min_exit)
+        logits, cache, n = calm_layers(params, config, h, ctx, cache, thresholds[t], min_exit, live)
         return logits, cache.advance(new_mask), n
 
     return step
 
 
-def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: float, min_exit: int):
+def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: float, min_exit: int, live):
     """The reference step: Python over layers, the exit decided on the host.
 
-    Same contract as `calm_step`'s step (params in the decode layout); `threshold` is the step's float32 threshold.
+    Same contract as `calm_step`'s step (tokens and live rows apart; params in the
+    decode layout); `threshold` is the step's float32 threshold.
     """
     fam = family(config)
     new_mask = jnp.ones((tokens.shape[0], 1), bool)
@@ -157,7 +206,7 @@ def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: f
         if l + 1 < min_exit:
             continue
         logits = fam.head(params, h, config)[:, -1]
-        if l + 1 == config.num_layers or bool(jnp.min(confidence(logits)) >= threshold):
+        if l + 1 == config.num_layers or bool(confident(logits, threshold, live)):
             n = l + 1
             break
     for l in range(n, config.num_layers):
@@ -188,7 +237,7 @@ def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int,
     def run(params, decode_params, ids, mask, thresholds, min_exit):
         state, layers = g._prefill(decode_params, config, search, ids, mask, cache_len)
         step = calm_step(config, thresholds, min_exit)
-        state, layers = g._loop(decode_params, search, state, layers, step)
+        state, layers = g._loop(decode_params, _WithLiveRows(search), state, layers, step)
         return g._finish(search, state, layers)
 
     key = ("calm", config, g._dtype(lm.params), search, shape, cache_len)
@@ -207,7 +256,7 @@ def _eager(config: ModelConfig, search, thresholds: np.ndarray, min_exit: int, c
         while not bool(search.done(state)):
             t = int(state.i) - 1
             logits, cache, n = eager_step(params, config, search.last_tokens(state), state.cache,
-                                          thresholds[t], min_exit)
+                                          thresholds[t], min_exit, live_rows(search, state))
             state = search.update(state.replace(cache=cache), logits)
             layers[t + 1] = n
         return search.best(state), jnp.asarray(layers), state.i

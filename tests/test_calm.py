@@ -8,6 +8,7 @@ import pytest
 
 import hsd_jax
 from hsd_jax import generate
+from hsd_jax import calm
 from hsd_jax.calm import calm_step, confidence, eager_step, step_thresholds
 from hsd_jax.errors import HsdError
 from hsd_jax.models import KVCache, decode_layout, family, forward
@@ -99,6 +100,27 @@ def test_propagation_matters(lm, monkeypatch):
     assert wrong.sequences != right.sequences
 
 
+def test_finished_greedy_rows_do_not_hold_back_the_exit(lm, monkeypatch):
+    """Row A emits EOS as its first token and only pads from then on: row B must then
+    exit as it does next to a copy of itself (same shapes, so the same arithmetic)."""
+    A, B = [11, 12, 13, 14, 15], [60, 61, 62, 63, 64]
+    eos = run(lm, "vanilla", prompts=[A]).sequences[0][0]
+    kw = dict(eos_token_id=eos, pad_token_id=lm.config.vocab_size - 2)  # pad != EOS: rows are told apart by state
+    spec = BETWEEN[1]
+
+    def row_b(prompts, mode):
+        g = generate(lm, input_ids=prompts, schedule=spec, max_new_tokens=NEW, mode=mode, **kw)
+        return g.sequences[1], g.layers_per_token[1]
+
+    alone = row_b([B, B], "eager")
+    assert len(alone[0]) > 1 and 1 < np.mean(alone[1]) < lm.config.num_layers  # B runs on, exiting at varied depths
+    for mode in ("compiled", "eager"):
+        assert row_b([A, B], mode) == alone, mode
+    # The old rule (least confident of all rows, finished ones too) lets A's pad steps decide.
+    monkeypatch.setattr(calm, "confident", lambda logits, threshold, live: jnp.all(confidence(logits) >= threshold))
+    assert row_b([A, B], "eager") != alone
+
+
 def test_static_mode_runs_the_compiled_program(lm):
     compiled = run(lm, BETWEEN[4], 4)
     static = run(lm, BETWEEN[4], 4, mode="static")
@@ -117,13 +139,13 @@ def test_propagated_cache_entries_are_kv_of_the_exit_state(lm, eager):
     mask = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1]], bool)
     cache = KVCache.init(config, 2, 6)
     _, cache = forward(params, config, ids, mask, cache)
-    tokens = jnp.asarray([42, 7], jnp.int32)
+    tokens, live = jnp.asarray([42, 7], jnp.int32), jnp.ones((2,), bool)
     layout = decode_layout(params)  # what the decode loop runs on
     if eager:
-        logits, out, n = eager_step(layout, config, tokens, cache, 0.0, 2)
+        logits, out, n = eager_step(layout, config, tokens, cache, 0.0, 2, live)
     else:
         step = calm_step(config, jnp.zeros((NEW,), jnp.float32), jnp.asarray(2))
-        logits, out, n = step(layout, tokens, cache, 0)
+        logits, out, n = step(layout, (tokens, live), cache, 0)
     assert int(n) == 2
 
     from hsd_jax.models import context
