@@ -17,11 +17,11 @@ reading the weights in the decode layout of the schedule loop
 (`hsd_jax.models.decode_layout`, made once per set of weights by
 `hsd_jax.generate._decode_params`), prefill included:
 
-- compiled: the step is a `while_loop` over layers (the layer index is traced: a
-  `lax.switch` picks the layer's weights and reads its cache slot, which is then
-  written with a dynamic index), followed by a `fori_loop` that propagates K/V for
-  layers [exit, L). The thresholds (N,) and `min_exit` are arguments, so every
-  CALM setting reuses one program per search and shape.
+- compiled: the step unrolls the layers, each a `lax.cond` on whether the step has
+  exited (run the layer, or propagate its K/V), then a `lax.cond` that runs the LM
+  head and the exit test while the step has not exited (`calm_layers`). The
+  thresholds (N,) and `min_exit` are arguments, so every CALM setting reuses one
+  program per search and shape.
 - static: CALM has no schedule to bake in, so "static" runs the compiled program
   (the same executable; its exit point is data dependent by nature).
 - eager: plain Python over steps and layers, deciding each exit on the host; the
@@ -37,10 +37,7 @@ from float rounding).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +45,6 @@ import numpy as np
 
 from hsd_jax.models import KVCache, ModelConfig, context, family
 from hsd_jax.schedules import CalmConfig
-from hsd_jax.search import Greedy
 
 
 def step_thresholds(calm: CalmConfig, max_new_tokens: int) -> np.ndarray:
@@ -88,34 +84,6 @@ def confident(logits: jax.Array, threshold, live: jax.Array) -> jax.Array:
     return jnp.all((confidence(logits) >= threshold) | ~live)
 
 
-def live_rows(search, state) -> jax.Array:
-    """(R,) bool: the rows whose next token can still change the output.
-
-    A greedy row that has emitted EOS only emits pad from then on. Every beam row is
-    live: the K running beams of an input all keep running, as in transformers.
-    """
-    if isinstance(search, Greedy):
-        return ~state.finished
-    return jnp.ones(state.cache.valid.shape[:1], bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class _WithLiveRows:
-    """`search`, with `last_tokens` giving `(tokens, live_rows)`.
-
-    `generate._loop` hands `last_tokens(state)` to the step as is: this is how a CALM
-    step learns which rows are live, with the loop left as the schedules use it.
-    """
-
-    search: Any
-
-    def __getattr__(self, name):
-        return getattr(self.search, name)
-
-    def last_tokens(self, state):
-        return self.search.last_tokens(state), live_rows(self.search, state)
-
-
 def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, min_exit, live):
     """One decode step's layers with a data-dependent exit (traceable).
 
@@ -123,60 +91,47 @@ def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, 
     tokens; threshold: () float32; min_exit: () int32, the fewest layers the step
     runs; live: (R,) bool, the rows the exit test looks at (`confident`). Returns the
     exit layer's (R, V) float32 logits, the cache with every layer's K/V written at
-    `cache.index` (run or propagated) and the number of layers run, () int32. The
-    layer index is traced: a `lax.switch` picks layer l's weights, and the cache
-    write sits outside it, so no branch carries the cache.
+    `cache.index` (run or propagated) and the number of layers run, () int32.
+
+    The layers are unrolled, each a `lax.cond` on whether the step has exited: run
+    the layer, or only propagate its K/V from the exited state. With the layer index
+    static, each layer reads its own weight and cache buffers and writes its cache
+    outside the cond (no branch carries the cache, which would make XLA copy it). The
+    exit test after a layer is a `lax.cond` too, so the LM head runs only while the
+    step has not exited and at or after `min_exit`.
     """
     fam = family(config)
     num_layers = config.num_layers
-    layers = params["layers"]
-    # The branches slice layer l out of the whole cache themselves: a slice at the
-    # traced index passed in as an operand would be materialised (copied) every layer.
-    blocks = [lambda h, ck, cv, l=l, p=p: fam.block(p, h, ctx, config, ck[l], cv[l])
-              for l, p in enumerate(layers)]
-    kvs = [lambda h, p=p: fam.kv(p, h, ctx, config) for p in layers]
+    exited = jnp.zeros((), bool)
+    n = jnp.asarray(num_layers, jnp.int32)
+    logits = jnp.zeros((h.shape[0], config.vocab_size), jnp.float32)
+    for l, p in enumerate(params["layers"]):
+        h, k, v = jax.lax.cond(
+            exited,
+            lambda h, p=p: (h, *fam.kv(p, h, ctx, config)),
+            lambda h, p=p, l=l: fam.block(p, h, ctx, config, cache.k[l], cache.v[l]),
+            h,
+        )
+        cache = cache.write_layer(l, k, v)
 
-    def run(l, h, cache):
-        h, k, v = jax.lax.switch(l, blocks, h, cache.k, cache.v)
-        return h, cache.write_layer(l, k, v)
+        def test(h, logits, l=l):
+            out = fam.head(params, h, config)[:, -1]  # (R, V)
+            return out, (l + 1 == num_layers) | confident(out, threshold, live)
 
-    # Layers below the first exit test: no head, no test.
-    h, cache = jax.lax.fori_loop(0, min_exit - 1, lambda l, c: run(l, *c), (h, cache))
-
-    def cond(carry):
-        return ~carry[-1]
-
-    def body(carry):
-        l, h, cache, _, _ = carry
-        h, cache = run(l, h, cache)
-        logits = fam.head(params, h, config)[:, -1]  # (R, V)
-        exit_ = (l + 1 >= num_layers) | confident(logits, threshold, live)
-        return l + 1, h, cache, logits, exit_
-
-    rows = h.shape[0]
-    init = (jnp.asarray(min_exit - 1, jnp.int32), h, cache,
-            jnp.zeros((rows, config.vocab_size), jnp.float32), jnp.zeros((), bool))
-    n, h, cache, logits, _ = jax.lax.while_loop(cond, body, init)
-
-    # Layers above the exit: K/V from the exited hidden state (state propagation).
-    def propagate(l, cache):
-        k, v = jax.lax.switch(l, kvs, h)
-        return cache.write_layer(l, k, v)
-
-    cache = jax.lax.fori_loop(n, num_layers, propagate, cache)
+        logits, now = jax.lax.cond(~exited & (l + 1 >= min_exit), test,
+                                   lambda h, logits: (logits, jnp.zeros((), bool)), h, logits)
+        n = jnp.where(now, l + 1, n)
+        exited = exited | now
     return logits, cache, n
 
 
 def calm_step(config: ModelConfig, thresholds, min_exit):
     """A decode-loop step (`hsd_jax.generate.StepFn`) that exits early, CALM style.
 
-    thresholds: (N,) float32 (traced or not), indexed by the decode step t. The step
-    takes `(tokens (R,), live (R,) bool)` where a schedule step takes the tokens:
-    what `_WithLiveRows.last_tokens` gives the decode loop.
+    thresholds: (N,) float32 (traced or not), indexed by the decode step t.
     """
 
-    def step(params, last, cache, t):
-        tokens, live = last
+    def step(params, tokens, cache, t, live):
         fam = family(config)
         new_mask = jnp.ones((tokens.shape[0], 1), bool)
         ctx = context(cache, new_mask)
@@ -215,29 +170,27 @@ def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: f
     return logits, cache.advance(new_mask), n
 
 
-def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int, programs: dict | None = None):
+def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int):
     """(run, extra args, compile seconds) for a CALM decode, as `generate._program` wants.
 
     "static" gets the compiled program (CALM has no schedule to bake in); "eager" the
     host-side twin. Both read the weights' decode layout, made once per set of weights
     (`generate._decode_params`); making it counts as compile time. The compiled
     program is keyed without lambda, tau or min_exit: they are arguments, so changing
-    them does not recompile. `programs` is not used: `generate._compile` keeps them.
+    them does not recompile.
     """
     g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
 
     config = lm.config
     thresholds = step_thresholds(calm, search.max_new_tokens)
-    start = time.perf_counter()
-    fresh = g._decode_params(lm.params)[1]
-    layout_seconds = time.perf_counter() - start if fresh else 0.0
+    layout_seconds = g._layout_seconds(lm.params)
     if mode == "eager":
         return _eager(config, search, thresholds, calm.min_exit, cache_len), (), layout_seconds
 
     def run(params, decode_params, ids, mask, thresholds, min_exit):
         state, layers = g._prefill(decode_params, config, search, ids, mask, cache_len)
         step = calm_step(config, thresholds, min_exit)
-        state, layers = g._loop(decode_params, _WithLiveRows(search), state, layers, step)
+        state, layers = g._loop(decode_params, search, state, layers, step)
         return g._finish(search, state, layers)
 
     key = ("calm", config, g._dtype(lm.params), search, shape, cache_len)
@@ -256,7 +209,7 @@ def _eager(config: ModelConfig, search, thresholds: np.ndarray, min_exit: int, c
         while not bool(search.done(state)):
             t = int(state.i) - 1
             logits, cache, n = eager_step(params, config, search.last_tokens(state), state.cache,
-                                          thresholds[t], min_exit, live_rows(search, state))
+                                          thresholds[t], min_exit, search.live(state))
             state = search.update(state.replace(cache=cache), logits)
             layers[t + 1] = n
         return search.best(state), jnp.asarray(layers), state.i

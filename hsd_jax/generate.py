@@ -110,7 +110,6 @@ def generate(
     if config.model_type == "gpt2" and cache_len > config.max_position:
         raise HsdError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
                        f"the model's {config.max_position} positions; shorten the prompt or max_new_tokens")
-    ids, mask = np.repeat(ids, num_beams, axis=0), np.repeat(mask, num_beams, axis=0)
     search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
 
@@ -219,7 +218,8 @@ def _left_pad(rows: list[list[int]], pad: int, multiple: int = 1, limit: int | N
 
 # --- the decode loop ------------------------------------------------------------------
 
-# A step function: (params, last tokens (R,), cache, decode step t) -> (logits (R, V), cache, layers run).
+# A step function: (params, last tokens (R,), cache, decode step t, live rows (R,) bool)
+# -> (logits (R, V), cache, layers run). Only CALM's exit test looks at the live rows.
 StepFn = Callable[[Any, jax.Array, KVCache, Any], tuple[jax.Array, KVCache, jax.Array]]
 
 
@@ -234,7 +234,9 @@ def _prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
     # prompt); the barrier keeps it a value.
     cache = cache.replace(valid=jax.lax.optimization_barrier(cache.valid))
     logits, cache = forward(params, config, ids, mask, cache, last_only=True)
-    state = search.update(search.init(cache, ids.shape[0]), logits[:, -1])
+    # Each prompt is run once; beam search then copies its cache and logits to its beams.
+    logits = jnp.repeat(logits[:, -1], search.num_beams, axis=0)
+    state = search.update(search.init(cache, ids.shape[0]), logits)
     step_layers = jnp.zeros((search.max_new_tokens,), jnp.int32).at[0].set(config.num_layers)
     return state, step_layers
 
@@ -250,7 +252,7 @@ def _loop(params, search, state, step_layers, step: StepFn, until: int | None = 
     def body(carry):
         state, step_layers = carry
         t = state.i - 1  # decode step t consumes token t and produces token t + 1
-        logits, cache, n = step(params, search.last_tokens(state), state.cache, t)
+        logits, cache, n = step(params, search.last_tokens(state), state.cache, t, search.live(state))
         state = search.update(state.replace(cache=cache), logits)
         return state, step_layers.at[t + 1].set(n)
 
@@ -264,7 +266,7 @@ def _finish(search, state, step_layers):
 def _schedule_step(config: ModelConfig, ops_of: Callable[[Any], Any]) -> StepFn:
     """A decode step that runs the layer ops the schedule gives for step t."""
 
-    def step(params, tokens, cache, t):
+    def step(params, tokens, cache, t, live):
         ops = ops_of(t)
         logits, cache = decode_step(params, config, tokens, cache, ops)
         n = sum(op == RUN for op in ops) if isinstance(ops, tuple) else jnp.sum(ops == RUN)
@@ -287,12 +289,10 @@ def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int)
     if isinstance(sched, CalmConfig):
         from hsd_jax.calm import calm_program  # the dynamic variant lives with CALM
 
-        return calm_program(lm, sched, search, mode, shape, cache_len, _PROGRAMS)
+        return calm_program(lm, sched, search, mode, shape, cache_len)
 
     table = sched.layer_ops()
-    start = time.perf_counter()
-    fresh = _decode_params(lm.params)[1]
-    layout_seconds = time.perf_counter() - start if fresh else 0.0
+    layout_seconds = _layout_seconds(lm.params)
     if mode == "eager":
         return _eager(config, search, table, cache_len), (), layout_seconds
 
@@ -357,6 +357,13 @@ class _WithDecodeLayout:
 _DECODE: dict[int, tuple[list, Any]] = {}
 _DECODE_KEEP = 2
 _decode_layout_jit = jax.jit(decode_layout)
+
+
+def _layout_seconds(params) -> float:
+    """Makes (or finds) the decode layout of `params`; the seconds it took if made now."""
+    start = time.perf_counter()
+    fresh = _decode_params(params)[1]
+    return time.perf_counter() - start if fresh else 0.0
 
 
 def _decode_params(params) -> tuple[Any, bool]:

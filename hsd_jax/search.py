@@ -62,6 +62,10 @@ class Greedy:
     def done(self, state: GreedyState) -> jax.Array:
         return jnp.all(state.finished) | (state.i >= self.max_new_tokens)
 
+    def live(self, state: GreedyState) -> jax.Array:
+        """(B,) bool: rows whose next token can still change the output (not finished)."""
+        return ~state.finished
+
     def best(self, state: GreedyState) -> jax.Array:
         """(B, N) tokens of each input."""
         return state.tokens
@@ -97,8 +101,8 @@ class BeamSearch:
     early_stopping: bool | str = False
 
     def init(self, cache: KVCache, batch: int) -> BeamState:
-        k, n = self.num_beams, self.max_new_tokens
-        b = batch // k
+        """`cache` holds each of the `batch` prompts once; every beam gets a copy."""
+        k, n, b = self.num_beams, self.max_new_tokens, batch
         filled = jnp.full((b, k, n), self.pad_token_id, jnp.int32)
         # Only beam 0 starts live, so the first update does not pick K copies of one token.
         scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG)
@@ -106,7 +110,7 @@ class BeamSearch:
             running=filled, running_scores=scores, finished=filled,
             finished_scores=jnp.full((b, k), _NEG, jnp.float32), finished_flag=jnp.zeros((b, k), bool),
             improvable=jnp.ones((b,), bool), all_hit_stop=jnp.zeros((), bool),
-            i=jnp.zeros((), jnp.int32), cache=cache,
+            i=jnp.zeros((), jnp.int32), cache=cache.track_beams(k),
         )
 
     def update(self, s: BeamState, logits: jax.Array) -> BeamState:
@@ -129,7 +133,7 @@ class BeamSearch:
         _, keep = jax.lax.top_k(run_lp, k)
         running = jnp.take_along_axis(cand, keep[:, :, None], axis=1)
         running_scores = jnp.take_along_axis(run_lp, keep, axis=1)
-        rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent, keep, axis=1)).reshape(-1)
+        parents = jnp.take_along_axis(parent, keep, axis=1)  # (B, K) beam each survivor continues
 
         # Ended candidates among the first K may replace worse finished hypotheses.
         fin_lp = top_lp / ((s.i + 1).astype(jnp.float32) ** self.length_penalty)
@@ -157,12 +161,16 @@ class BeamSearch:
         return BeamState(
             running=running, running_scores=running_scores, finished=finished,
             finished_scores=finished_scores, finished_flag=finished_flag, improvable=improvable,
-            all_hit_stop=jnp.all(hits), i=i, cache=s.cache.reorder(rows),
+            all_hit_stop=jnp.all(hits), i=i, cache=s.cache.reorder(parents),
         )
 
     def last_tokens(self, s: BeamState) -> jax.Array:
         b, k, _ = s.running.shape
         return jax.lax.dynamic_slice_in_dim(s.running, s.i - 1, 1, axis=2).reshape(b * k)
+
+    def live(self, s: BeamState) -> jax.Array:
+        """(B * K,) bool: every beam row; all K beams keep running, as in transformers."""
+        return jnp.ones(s.running.shape[:2], bool).reshape(-1)
 
     def done(self, s: BeamState) -> jax.Array:
         stop = ~jnp.any(s.improvable) | s.all_hit_stop | (s.i >= self.max_new_tokens)

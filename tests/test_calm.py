@@ -145,7 +145,7 @@ def test_propagated_cache_entries_are_kv_of_the_exit_state(lm, eager):
         logits, out, n = eager_step(layout, config, tokens, cache, 0.0, 2, live)
     else:
         step = calm_step(config, jnp.zeros((NEW,), jnp.float32), jnp.asarray(2))
-        logits, out, n = step(layout, (tokens, live), cache, 0)
+        logits, out, n = step(layout, tokens, cache, 0, live)
     assert int(n) == 2
 
     from hsd_jax.models import context
@@ -157,9 +157,9 @@ def test_propagated_cache_entries_are_kv_of_the_exit_state(lm, eager):
     slot = int(cache.index)
     for l in range(2, L):
         k, v = fam.kv(layer_slice(params["layers"], l), h, ctx, config)
-        np.testing.assert_allclose(out.k[l, :, :, slot], k[:, :, 0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(out.v[l, :, :, slot], v[:, :, 0], rtol=1e-5, atol=1e-5)
-        assert float(jnp.abs(out.k[l, :, :, slot]).max()) > 0
+        np.testing.assert_allclose(out.k[l][:, :, slot], k[:, :, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.v[l][:, :, slot], v[:, :, 0], rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(out.k[l][:, :, slot]).max()) > 0
     assert int(out.index) == slot + 1 and bool(out.valid[:, slot].all())
 
 

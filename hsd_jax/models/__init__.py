@@ -32,7 +32,8 @@ def context(cache: KVCache | None, new_mask: jax.Array) -> Context:
     if cache is None:
         positions = jnp.maximum(jnp.cumsum(new_mask, axis=1) - 1, 0).astype(jnp.int32)
         return Context(positions=positions, new_valid=new_mask)
-    return Context(positions=cache.positions(new_mask), new_valid=new_mask, cache_valid=cache.valid)
+    return Context(positions=cache.positions(new_mask), new_valid=new_mask, cache_valid=cache.valid,
+                   cache_beam=cache.beam_source)
 
 
 def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVCache | None = None,
@@ -63,15 +64,15 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
             out = jnp.where(act[..., None], out, h)
         return out, (k, v)
 
-    ck, cv = (None, None) if cache is None else (cache.k, cache.v)
     if isinstance(params["layers"], (tuple, list)):  # the decode layout: the same layer, unrolled
         kvs = []
         for l, p in enumerate(params["layers"]):
-            h, kv_ = layer(h, (p, None if ck is None else ck[l], None if cv is None else cv[l],
+            h, kv_ = layer(h, (p, None if cache is None else cache.k[l], None if cache is None else cache.v[l],
                                None if active is None else active[l]))
             kvs.append(kv_)
-        k, v = (jnp.stack(x) for x in zip(*kvs))
+        k, v = zip(*kvs)
     else:
+        ck, cv = (None, None) if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
         h, (k, v) = jax.lax.scan(layer, h, (params["layers"], ck, cv, active))
     if cache is not None:
         cache = cache.write_all(k, v).advance(attention_mask)
@@ -90,7 +91,7 @@ def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops
     The cache write sits outside the switch, so no branch carries the cache through
     (which would make XLA copy it). A skipped layer writes zeros: a slot it skips is
     never read, since a skip is only compiled where no later step runs that layer.
-    A layer reads only its own cache slice, so the static form writes every layer's
+    A layer reads only its own cache buffer, so the static form writes every layer's
     K/V after the last layer, once all reads are done (see `_after_layers`).
     """
     fam = family(config)
@@ -111,14 +112,12 @@ def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops
                 k, v = fam.kv(p, h, ctx, config)
             pending.append((l, k, v))
         else:
-            # The branches slice layer l out of the whole cache themselves: a slice
-            # passed in as an operand would be materialised (copied) every step.
             h, k, v = jax.lax.switch(
                 op,
                 [
                     lambda h, cache=cache, l=l: fam.block(p, h, ctx, config, cache.k[l], cache.v[l]),
                     lambda h: (h, *fam.kv(p, h, ctx, config)),
-                    lambda h: (h, *_zeros_kv(h, config, cache.k.dtype)),
+                    lambda h: (h, *_zeros_kv(h, config, cache.dtype)),
                 ],
                 h,
             )

@@ -56,28 +56,42 @@ ACTIVATIONS = {
 class KVCache:
     """A fixed-size, pre-allocated key/value cache for all layers.
 
-    Every row of the batch writes at the same slot `index` (prompts are left-padded),
-    so a write is one `dynamic_update_slice`, never a scatter.
+    Each layer's keys and values are a buffer of their own, (R, H, S, Dh): attention
+    reads a layer's buffer in place, where a slice of one stacked (L, ...) array would
+    be copied before every use (XLA on CPU materialises a slice that feeds a dot:
+    3-14x slower attention, docs/performance.md). Every row writes at the same slot
+    `index` (prompts are left-padded), so a write is one `dynamic_update_slice`.
+
+    Beam search (`track_beams`): rows are B inputs x K beams, and the K/V are never
+    moved when beams are reordered. Instead `beam_source[b, j, s]` names the beam of
+    input b whose row holds slot s of beam j's history, and attention reads through it
+    (`attend`). A reorder rewrites this (B, K, S) table, where moving the cache itself
+    cost two cache-sized copies per step.
     """
 
-    k: jax.Array  # (L, B, H, S, Dh)
-    v: jax.Array  # (L, B, H, S, Dh)
-    valid: jax.Array  # (B, S) bool: slot holds a real (non-pad) token
+    k: tuple[jax.Array, ...]  # L x (R, H, S, Dh), R rows = B (x K beams)
+    v: tuple[jax.Array, ...]  # L x (R, H, S, Dh)
+    valid: jax.Array  # (R, S) bool: slot holds a real (non-pad) token
     index: jax.Array  # () int32: slots written so far
+    beam_source: jax.Array | None = None  # (B, K, S) int32, beam search only (see above)
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
+        shape = (batch, config.num_heads, max_len, config.head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
             valid=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def dtype(self):
+        return self.k[0].dtype
 
     def positions(self, new_mask: jax.Array) -> jax.Array:
         """Position ids of new tokens, derived from the attention mask.
@@ -90,38 +104,47 @@ class KVCache:
         return jnp.maximum(seen + jnp.cumsum(new_mask, axis=1) - 1, 0).astype(jnp.int32)
 
     def write_layer(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
-        """Writes (B, H, T, Dh) keys/values of one layer at slots [index, index + T)."""
-        at = (layer, 0, 0, self.index, 0)
-        return self.replace(
-            k=jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at),
-        )
+        """Writes (R, H, T, Dh) keys/values of layer `layer` (a Python int) at slots
+        [index, index + T)."""
+        at = (0, 0, self.index, 0)
 
-    def write_all(self, k: jax.Array, v: jax.Array) -> "KVCache":
-        """Writes (L, B, H, T, Dh) keys/values of every layer at slots [index, index + T)."""
-        at = (0, 0, 0, self.index, 0)
-        return self.replace(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
-        )
+        def put(buffers, new):
+            return (*buffers[:layer], jax.lax.dynamic_update_slice(buffers[layer], new.astype(self.dtype), at),
+                    *buffers[layer + 1:])
+
+        return self.replace(k=put(self.k, k), v=put(self.v, v))
+
+    def write_all(self, k, v) -> "KVCache":
+        """Writes every layer's (R, H, T, Dh) keys/values (sequences of L arrays)."""
+        cache = self
+        for layer, (kl, vl) in enumerate(zip(k, v)):
+            cache = cache.write_layer(layer, kl, vl)
+        return cache
 
     def advance(self, new_mask: jax.Array) -> "KVCache":
-        """Marks T new slots as written, valid where `new_mask` (B, T) is."""
+        """Marks T new slots as written, valid where `new_mask` (R, T) is."""
         valid = jax.lax.dynamic_update_slice(self.valid, new_mask.astype(bool), (0, self.index))
         return self.replace(valid=valid, index=self.index + new_mask.shape[1])
 
-    def reorder(self, rows: jax.Array) -> "KVCache":
-        """Gathers batch rows (beam search keeps the parents of the surviving beams).
+    def track_beams(self, num_beams: int) -> "KVCache":
+        """The cache of B prompts as that of B x K beams: each row copied K times, and
+        beam bookkeeping started (each row reads its own slots)."""
+        b = self.valid.shape[0]
+        own = jnp.arange(num_beams, dtype=jnp.int32)[None, :, None]
+        def copies(x):
+            return jnp.repeat(x, num_beams, axis=0)
+        return self.replace(k=tuple(map(copies, self.k)), v=tuple(map(copies, self.v)), valid=copies(self.valid),
+                            beam_source=jnp.broadcast_to(own, (b, num_beams, self.max_len)))
 
-        One dynamic slice per row, concatenated: XLA's gather (`k[:, rows]`) gives its
-        result a layout with the row axis outermost, and every later cache write or
-        layer slice then pays a full-cache transposing copy (docs/performance.md).
-        """
-        def take(x, axis):
-            return jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, rows[r], 1, axis=axis)
-                                    for r in range(rows.shape[0])], axis=axis)
-
-        return self.replace(k=take(self.k, 1), v=take(self.v, 1), valid=self.valid[rows])
+    def reorder(self, parents: jax.Array) -> "KVCache":
+        """Beam j of input b continues beam `parents[b, j]` (B, K): it takes over that
+        beam's history for the slots written so far; its own row holds what comes next."""
+        b, k, s = self.beam_source.shape
+        inherited = jnp.take_along_axis(self.beam_source, parents[:, :, None], axis=1)
+        own = jnp.arange(k, dtype=jnp.int32)[None, :, None]
+        beam_source = jnp.where(jnp.arange(s) < self.index, inherited, own)
+        rows = (jnp.arange(b)[:, None] * k + parents).reshape(-1)
+        return self.replace(beam_source=beam_source, valid=self.valid[rows])
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
@@ -171,6 +194,7 @@ class Context:
     positions: jax.Array  # (B, T) int32
     new_valid: jax.Array  # (B, T) bool: new token is real (not a pad)
     cache_valid: jax.Array | None = None  # (B, S) bool
+    cache_beam: jax.Array | None = None  # (B, K, S) int32, `KVCache.beam_source`
 
 
 def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
@@ -179,6 +203,8 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     The two key sets share one softmax, so the new keys need not be written into the
     cache first: a decode step can write its K/V after the layer, unconditionally.
     q, k, v: (B, H, T, Dh); cache_k, cache_v: (B, H, S, Dh). Returns (B, H, T, Dh).
+    With `ctx.cache_beam` (beam search), a query row reads each cache slot from the
+    row of the beam named there (`KVCache.beam_source`).
     """
     scale = q.shape[-1] ** -0.5
     t = q.shape[2]
@@ -186,17 +212,54 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     new_mask = causal[None, None] & ctx.new_valid[:, None, None, :]  # (B, 1, T, T)
     scores = jnp.einsum("bhtd,bhud->bhtu", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(new_mask, scores, _MASKED)
-    if cache_k is not None:
-        cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32) * scale
-        cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores, _MASKED)
-        scores = jnp.concatenate([cache_scores, scores], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if cache_k is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bhtu,bhud->bhtd", probs, v)
+    if ctx.cache_beam is None:
+        cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32)
+    else:
+        cache_scores = _beam_scores(q, cache_k, ctx.cache_beam)
+    cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores * scale, _MASKED)
+    probs = jax.nn.softmax(jnp.concatenate([cache_scores, scores], axis=-1), axis=-1).astype(v.dtype)
     s = cache_k.shape[2]
-    return jnp.einsum("bhts,bhsd->bhtd", probs[..., :s], cache_v) + jnp.einsum(
-        "bhtu,bhud->bhtd", probs[..., s:], v
-    )
+    new_part = jnp.einsum("bhtu,bhud->bhtd", probs[..., s:], v)
+    if ctx.cache_beam is None:
+        return jnp.einsum("bhts,bhsd->bhtd", probs[..., :s], cache_v) + new_part
+    return _beam_values(probs[..., :s], cache_v, ctx.cache_beam) + new_part
+
+
+# Beam search reads the cache through `beam_source` (B, K, S). Every cache row is scored
+# against the queries of all K beams of its input — the same batched product as without
+# beams, with K x T queries per row, so the cache is read in place in its own layout —
+# and each query keeps, per slot, the score from the row the table names (a select among
+# K exact values: no rounding differs). The K x extra arithmetic on (K, S) scores costs
+# far less than moving the cache at every reorder.
+
+def _beam_pick(beam_source: jax.Array) -> jax.Array:
+    """(B, K_i, 1, K_j, 1, S) bool: query beam j reads slot s from beam i's row."""
+    k = beam_source.shape[1]
+    return beam_source[:, None, None, :, None, :] == jnp.arange(k)[:, None, None, None, None]
+
+
+def _beam_scores(q, cache_k, beam_source):
+    b, k, s = beam_source.shape
+    _, h, t, d = q.shape
+    # Row (b, i) gets the queries of every beam j of input b: (B*K, H, K*T, D).
+    queries = q.reshape(b, 1, k, h, t, d).transpose(0, 1, 3, 2, 4, 5)
+    queries = jnp.broadcast_to(queries, (b, k, h, k, t, d)).reshape(b * k, h, k * t, d)
+    every = jnp.einsum("rhqd,rhsd->rhqs", queries, cache_k, preferred_element_type=jnp.float32)
+    picked = jnp.sum(jnp.where(_beam_pick(beam_source), every.reshape(b, k, h, k, t, s), 0), axis=1)
+    return picked.transpose(0, 2, 1, 3, 4).reshape(b * k, h, t, s)  # (B, K_j, H, T, S) rows
+
+
+def _beam_values(probs, cache_v, beam_source):
+    b, k, s = beam_source.shape
+    _, h, t, _ = probs.shape
+    d = cache_v.shape[-1]
+    per_query = probs.reshape(b, 1, k, h, t, s).transpose(0, 1, 3, 2, 4, 5)  # (B, 1, H, K_j, T, S)
+    weights = jnp.where(_beam_pick(beam_source), per_query, 0).reshape(b * k, h, k * t, s)
+    out = jnp.einsum("rhqs,rhsd->rhqd", weights, cache_v).reshape(b, k, h, k, t, d).sum(axis=1)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b * k, h, t, d)
 
 
 def layer_slice(stacked: Any, layer) -> Any:
