@@ -232,8 +232,9 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
 # against the queries of all K beams of its input — the same batched product as without
 # beams, with K x T queries per row, so the cache is read in place in its own layout —
 # and each query keeps, per slot, the score from the row the table names (a select among
-# K exact values: no rounding differs). The K x extra arithmetic on (K, S) scores costs
-# far less than moving the cache at every reorder.
+# K exact values). The weighted sum over values is taken per source row and the K parts
+# added: the same terms, regrouped. The K x extra arithmetic costs far less than moving
+# the cache at every reorder (docs/performance.md, fix 9).
 
 def _beam_pick(beam_source: jax.Array) -> jax.Array:
     """(B, K_i, 1, K_j, 1, S) bool: query beam j reads slot s from beam i's row."""
