@@ -220,7 +220,7 @@ def _left_pad(rows: list[list[int]], pad: int, multiple: int = 1, limit: int | N
 
 # A step function: (params, last tokens (R,), cache, decode step t, live rows (R,) bool)
 # -> (logits (R, V), cache, layers run). Only CALM's exit test looks at the live rows.
-StepFn = Callable[[Any, jax.Array, KVCache, Any], tuple[jax.Array, KVCache, jax.Array]]
+StepFn = Callable[[Any, jax.Array, KVCache, Any, jax.Array], tuple[jax.Array, KVCache, jax.Array]]
 
 
 def _dtype(params):
