@@ -29,12 +29,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, HsdWarning
 
 SEPARATOR = " ="  # ends every prompt; the target follows after a space
 DEFAULT_SOURCE_FIELD = "source"
@@ -297,17 +298,24 @@ def _text(value, field: str, where: str) -> str:
 def _pairs_from_rows(rows, source_field: str, target_field: str, what: str) -> list[Pair]:
     """Pairs from dict rows; a list-valued target gives one pair per reference."""
     pairs: list[Pair] = []
+    skipped: list[int] = []
     for i, row in enumerate(rows):
         for field in (source_field, target_field):
             if field not in row:
-                raise HsdError(f"row {i} of {what} has no field {field!r}; its fields are "
+                raise HsdError(f"row {i + 1} of {what} has no field {field!r}; its fields are "
                                f"{', '.join(map(str, row)) or '(none)'}; pass --source-field/--target-field")
-        source = _text(row[source_field], source_field, f"row {i} of {what}")
+        source = _text(row[source_field], source_field, f"row {i + 1} of {what}")
         targets = row[target_field]
         for target in targets if isinstance(targets, (list, tuple)) else [targets]:
-            target = _text(target, target_field, f"row {i} of {what}")
+            target = _text(target, target_field, f"row {i + 1} of {what}")
             if source.strip() and target.strip():
                 pairs.append((source, target))
+            else:
+                skipped.append(i + 1)
+    if skipped:
+        rows_text = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(HsdWarning(f"{what}: skipped {len(skipped)} pair(s) with an empty {source_field!r} or "
+                                 f"{target_field!r} (row {rows_text}, the first row being 1)"), stacklevel=2)
     if not pairs:
         raise HsdError(f"{what} holds no pair with a non-empty {source_field!r} and {target_field!r}")
     return pairs

@@ -7,3 +7,8 @@ class HsdError(ValueError):
     The message names the problem and how to fix it; the CLI prints it as one
     line instead of a traceback.
     """
+
+
+class HsdWarning(UserWarning):
+    """Input that works but is probably not what the user meant (e.g. rows skipped as empty);
+    the CLI prints it as one line."""

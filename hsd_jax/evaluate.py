@@ -3,23 +3,33 @@
 `evaluate` returns one row per schedule with Avg. Layer, R-1, R-2, R-L, BLEU-1,
 BERTScore and speed; `markdown_table` prints them like the paper's tables and
 `plot_quality_vs_layers` draws quality against layers run, one series per method.
+
+`evaluate_to_folder` is what `hsd-jax eval` and `hsd-jax demo` run: it checks every
+schedule and the BERTScore backbone before decoding anything, then writes each row's
+predictions and scores (and the table, plot and results.json so far) as soon as the
+row exists, so an interrupted evaluation keeps its finished rows and `resume=True`
+continues it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from hsd_jax.checkpoint import LanguageModel
 from hsd_jax.data import encode_source
 from hsd_jax.errors import HsdError
 from hsd_jax.generate import generate_batched
-from hsd_jax.io import atomic_path
-from hsd_jax.metrics import all_metrics
-from hsd_jax.schedules import resolve
+from hsd_jax.io import atomic_path, write_json, write_jsonl, write_text
+from hsd_jax.metrics import BertScorer, all_metrics
+from hsd_jax.schedules import expand_groups, resolve
 
 METRICS = ("R-1", "R-2", "R-L", "BLEU-1", "BERTScore")
+RESULTS, TABLE, PLOT, PREDICTIONS = "results.json", "table.md", "quality_vs_layers.png", "predictions"
 
 
 @dataclasses.dataclass
@@ -37,6 +47,12 @@ class EvalResult:
         return {"method": self.method, "spec": self.spec, "avg_layers": self.avg_layers, **self.scores,
                 "tokens_per_second": self.tokens_per_second}
 
+    @classmethod
+    def from_row(cls, row: dict, predictions: list[str]) -> EvalResult:
+        return cls(method=row["method"], spec=row["spec"], avg_layers=row["avg_layers"],
+                   scores={m: row[m] for m in METRICS if m in row}, tokens_per_second=row["tokens_per_second"],
+                   predictions=predictions)
+
 
 def group_references(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
     """Unique sources in first-seen order, each with all of its references.
@@ -50,57 +66,206 @@ def group_references(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[
     return list(refs), list(refs.values())
 
 
-def evaluate(
+def resolve_all(lm: LanguageModel, schedules: Sequence, max_new_tokens: int) -> list:
+    """Every schedule (row groups such as "paper" expanded) checked against the model's depth."""
+    specs = expand_groups(schedules, lm.config.num_layers)
+    if not specs:
+        raise HsdError("no schedules to evaluate")
+    resolved = [resolve(spec, num_layers=lm.config.num_layers, max_new_tokens=max_new_tokens) for spec in specs]
+    seen: dict[str, str] = {}
+    for sched, spec in zip(resolved, specs):
+        if sched.spec in seen:
+            raise HsdError(f"schedules {seen[sched.spec]!r} and {spec!r} are the same ({sched.spec}); list it once")
+        seen[sched.spec] = spec
+    return resolved
+
+
+def iter_evaluate(
     lm: LanguageModel,
     sources: Sequence[str],
     references: Sequence[Sequence[str]],
-    schedules: Sequence[str],
+    schedules: Sequence,
     *,
     num_beams: int = 4,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     mode: str = "compiled",
-    with_bertscore: bool = True,
-    bertscore_model: str | None = None,
-    bertscore_layers: int | None = None,
-) -> list[EvalResult]:
-    """Decodes `sources` (formatted as training prompts) under each schedule and scores them."""
+    bertscorer: BertScorer | None = None,
+) -> Iterator[EvalResult]:
+    """Decodes `sources` (as training prompts) under each schedule and yields its scores.
+
+    All schedules are checked before the first is decoded; BERTScore is scored when a
+    `bertscorer` is given.
+    """
     if lm.tokenizer is None:
         raise HsdError("evaluation needs the model's tokenizer; load a folder with tokenizer files")
     if len(sources) != len(references):
         raise HsdError(f"{len(sources)} sources but {len(references)} reference lists")
     if not sources:
         raise HsdError("nothing to evaluate: the dataset is empty")
+    resolved = resolve_all(lm, schedules, max_new_tokens)
     room = lm.config.max_position - max_new_tokens
+    if room < 2:
+        raise HsdError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                       f"{lm.config.max_position}-token context; lower it")
     prompts = [encode_source(lm.tokenizer, s, room) for s in sources]
-    results = []
-    for spec in schedules:
-        sched = resolve(spec, num_layers=lm.config.num_layers, max_new_tokens=max_new_tokens)
+    for sched in resolved:
         out = generate_batched(lm, prompts, batch_size=batch_size, desc=sched.name, schedule=sched,
                                num_beams=num_beams, max_new_tokens=max_new_tokens, mode=mode)
         texts = [t.strip() for t in out.texts]
-        scores = all_metrics(texts, references, with_bertscore=with_bertscore, bertscore_model=bertscore_model,
-                             bertscore_layers=bertscore_layers)
-        results.append(EvalResult(method=sched.name, spec=sched.spec, avg_layers=out.avg_layers, scores=scores,
-                                  tokens_per_second=out.tokens_per_second, predictions=texts))
-    return results
+        scores = all_metrics(texts, references, bertscorer=bertscorer)
+        yield EvalResult(method=sched.name, spec=sched.spec, avg_layers=out.avg_layers, scores=scores,
+                         tokens_per_second=out.tokens_per_second, predictions=texts)
+
+
+def evaluate(lm: LanguageModel, sources: Sequence[str], references: Sequence[Sequence[str]], schedules: Sequence,
+             **options) -> list[EvalResult]:
+    """Every row of `iter_evaluate`, as a list."""
+    return list(iter_evaluate(lm, sources, references, schedules, **options))
+
+
+# ---------------------------------------------------------------- a results folder
+
+
+def data_fingerprint(sources: Sequence[str], references: Sequence[Sequence[str]]) -> str:
+    """A hash of the sources and references: a resumed evaluation must score the same data."""
+    return hashlib.sha256(json.dumps([list(sources), [list(r) for r in references]]).encode()).hexdigest()[:16]
+
+
+def evaluate_to_folder(
+    lm: LanguageModel,
+    sources: Sequence[str],
+    references: Sequence[Sequence[str]],
+    schedules: Sequence,
+    output: str | Path,
+    *,
+    settings: dict,
+    title: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    metric: str = "R-L",
+    num_beams: int = 4,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    mode: str = "compiled",
+    bertscorer: BertScorer | None = None,
+) -> list[EvalResult]:
+    """Runs the evaluation into `output`: results.json, table.md, the plot and one predictions
+    file per schedule, all rewritten (atomically) after every finished row.
+
+    `settings` (model, dataset, ...) is recorded with the decoding options and a fingerprint
+    of the data; `resume=True` keeps the rows of an earlier run with the same settings and
+    decodes only the missing ones. Without `resume`, a folder holding another evaluation is
+    refused unless `overwrite=True`, which first removes that evaluation's files.
+    """
+    if metric not in METRICS or (metric == "BERTScore" and bertscorer is None):
+        available = [m for m in METRICS if m != "BERTScore" or bertscorer is not None]
+        raise HsdError(f"--metric {metric!r} is not among the scores computed ({', '.join(available)})")
+    out = Path(output)
+    resolved = resolve_all(lm, schedules, max_new_tokens)  # fail on a bad spec before anything is written
+    record = {"settings": {**settings, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
+                           "batch_size": batch_size, "mode": mode,
+                           "bertscore": None if bertscorer is None else bertscorer.description},
+              "data_fingerprint": data_fingerprint(sources, references), "num_sources": len(sources)}
+    done = _previous_rows(out, record, resume, overwrite)
+    results: dict[str, EvalResult] = {}
+
+    def save() -> None:
+        ordered = [results[s.spec] for s in resolved if s.spec in results]
+        write_json(out / RESULTS, {**record, "complete": len(ordered) == len(resolved),
+                                   "rows": [r.row() for r in ordered]})
+        write_text(out / TABLE, markdown_table(ordered, title))
+        plot_quality_vs_layers(ordered, out / PLOT, metric=metric, title=title)
+
+    for sched in resolved:
+        if sched.spec in done:
+            results[sched.spec] = done[sched.spec]
+    todo = [s for s in resolved if s.spec not in results]
+    if results:
+        print(f"resuming {out}: {len(results)} of {len(resolved)} rows done", flush=True)
+    for result in iter_evaluate(lm, sources, references, todo, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, mode=mode, bertscorer=bertscorer):
+        write_jsonl(_predictions_path(out, result.spec),
+                    ({"source": s, "prediction": p, "references": list(refs)}
+                     for s, p, refs in zip(sources, result.predictions, references)))
+        results[result.spec] = result
+        save()
+    if not todo:
+        save()
+    return [results[s.spec] for s in resolved]
+
+
+def _predictions_path(out: Path, spec: str) -> Path:
+    return out / PREDICTIONS / f"{re.sub(r'[^A-Za-z0-9.]+', '-', spec).strip('-').lower()}.jsonl"
+
+
+def _previous_rows(out: Path, record: dict, resume: bool, overwrite: bool) -> dict[str, EvalResult]:
+    """The finished rows an earlier evaluation in `out` left (spec -> result), after the checks."""
+    results_file = out / RESULTS
+    if out.exists() and not out.is_dir():
+        raise HsdError(f"--output {out} is a file; give a folder")
+    if not results_file.exists():
+        if resume:
+            print(f"no earlier evaluation in {out}; starting a new one", flush=True)
+        return {}
+    if overwrite:
+        _remove_results(out)
+        return {}
+    if not resume:
+        raise HsdError(f"--output {out} holds an earlier evaluation; pass --resume to continue it, "
+                       "--overwrite to replace it, or choose another folder")
+    try:
+        previous = json.loads(results_file.read_text())
+        rows = previous["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise HsdError(f"{results_file} is not a readable evaluation ({err}); pass --overwrite to start over") \
+            from None
+    for key in ("settings", "data_fingerprint"):
+        if previous.get(key) != record[key]:
+            raise HsdError(f"--resume must repeat the evaluation in {out}: its {key.replace('_', ' ')} differ "
+                           f"({previous.get(key)} then, {record[key]} now); pass the same options, or "
+                           "--overwrite to start over")
+    done = {}
+    for row in rows:
+        path = _predictions_path(out, row["spec"])
+        if path.exists():  # a row counts only with its predictions
+            predictions = [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line]
+            if len(predictions) == record["num_sources"]:
+                done[row["spec"]] = EvalResult.from_row(row, predictions)
+    return done
+
+
+def _remove_results(out: Path) -> None:
+    """Removes what an evaluation writes (and nothing else) from `out`."""
+    for name in (RESULTS, TABLE, PLOT):
+        (out / name).unlink(missing_ok=True)
+    if (out / PREDICTIONS).is_dir():
+        for path in (out / PREDICTIONS).glob("*.jsonl"):
+            path.unlink()
+
+
+# ---------------------------------------------------------------- table and plot
 
 
 def markdown_table(results: Sequence[EvalResult], title: str = "") -> str:
-    """The paper's table layout: Avg. Layer then the quality metrics, one row per method."""
-    metrics = [m for m in METRICS if all(m in r.scores for r in results)]
-    header = ["method", "Avg. Layer", *metrics, "tokens/s"]
+    """The paper's table layout: Avg. Layer then the quality metrics, one row per method,
+    with the exact spec each row ran (the paper's rows are scaled to shallow models)."""
+    metrics = [m for m in METRICS if results and all(m in r.scores for r in results)]
+    header = ["method", "Avg. Layer", *metrics, "tokens/s", "spec"]
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r.method, f"{r.avg_layers:.2f}", *(f"{r.scores[m]:.2f}" for m in metrics),
-                 f"{r.tokens_per_second:.1f}"]
+                 f"{r.tokens_per_second:.1f}", f"`{r.spec}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _family(method: str) -> str:
-    return method.split("(")[0].strip() or method
+def family(method: str) -> str:
+    """The plot series of a row: the method's name, with its warm-up when it is not the default."""
+    name = method.split("(")[0].strip() or method
+    warmup = re.search(r"w=(\d+)", method)
+    return f"{name}, w={warmup.group(1)}" if warmup else name
 
 
 def plot_quality_vs_layers(results: Sequence[EvalResult], path: str | Path, metric: str = "R-L",
@@ -109,20 +274,21 @@ def plot_quality_vs_layers(results: Sequence[EvalResult], path: str | Path, metr
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     families: dict[str, list[EvalResult]] = {}
     for r in results:
-        families.setdefault(_family(r.method), []).append(r)
+        families.setdefault(family(r.method), []).append(r)
     for name, rows in families.items():
         rows = sorted(rows, key=lambda r: r.avg_layers)
         ax.plot([r.avg_layers for r in rows], [r.scores[metric] for r in rows], marker="o", label=name)
     ax.set_xlabel("Avg. Layer (layers run per generated token)")
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} against layers run")
+    ax.set_title(title or f"{metric} against layers run", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if families:  # beside the axes, so it never hides a point or a label
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return Path(path)

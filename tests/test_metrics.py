@@ -72,7 +72,7 @@ def test_bertscore_prefers_the_right_text():
 
 
 def test_all_metrics_keys_and_errors():
-    scores = all_metrics(PREDS, REFS, with_bertscore=False)
+    scores = all_metrics(PREDS, REFS)
     assert list(scores) == ["R-1", "R-2", "R-L", "BLEU-1"]
     with pytest.raises(HsdError, match="3 predictions but 2 reference lists"):
         rouge(PREDS, REFS[:2])

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
+import json
+import sys
 from pathlib import Path
 
 from hsd_jax.errors import HsdError
-
-# The paper's rows: vanilla, CALM (two λ), SkipDecode (two windows), six HSD settings.
-PAPER = ("vanilla", "calm-0.02", "calm-0.005", "skipdecode-10-20", "skipdecode-10-24", "hsd-s1-20", "hsd-s2-20",
-         "hsd-s1-14", "hsd-s2-14", "hsd-s1-10", "hsd-s2-10")
 
 
 def register(subparsers) -> None:
@@ -18,43 +15,55 @@ def register(subparsers) -> None:
         "eval",
         help="decode a dataset under several schedules; write the paper's table, a plot and predictions",
         description="Decode the sources of a dataset under each schedule and report Avg. Layer, ROUGE-1/2/L, "
-        "BLEU-1 and BERTScore. Sources that repeat (one row per reference) are decoded once and scored "
-        "against all their references.",
+        "BLEU-1, BERTScore and tokens/s. Sources that repeat (one row per reference) are decoded once and "
+        "scored against all their references. Every schedule and the BERTScore model are checked before "
+        "anything is decoded; each finished row is written at once, and --resume continues an interrupted run.",
     )
     p.add_argument("--model", required=True, help="a model fine-tuned with 'hsd-jax train' (folder or hub id)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="common_gen, e2e_nlg, xsum, cnn_dailymail or healthcaremagic")
-    src.add_argument("--eval-file", type=Path, help=".jsonl/.csv file of source/target pairs")
-    p.add_argument("--split", default="validation", help="dataset split (default validation)")
-    p.add_argument("--source-field", default=None)
-    p.add_argument("--target-field", default=None)
+    src.add_argument("--eval-file", type=Path, help=".jsonl/.json/.csv/.tsv file of source/target pairs")
+    p.add_argument("--split", default="validation", help="dataset split (default: validation)")
+    p.add_argument("--source-field", default=None, help="source field of --eval-file (default: source)")
+    p.add_argument("--target-field", default=None, help="target field of --eval-file (default: target)")
     p.add_argument("--schedules", nargs="+", default=["paper"], metavar="SPEC",
-                   help="specs or presets, space-separated; 'paper' = the paper's 11 rows (needs >= 24 layers)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N sources")
-    p.add_argument("--num-beams", type=int, default=4, help="the paper uses 4")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mode", choices=["compiled", "static", "eager"], default="compiled")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+                   help="specs or presets, space-separated; 'paper' = the paper's 11 rows (their layer counts "
+                   "scaled to models under 32 layers, see docs/methods.md), 'paper-hsd-warmup' = its 6 HSD rows "
+                   "with layer 0 always run (default: paper)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N sources (default: all)")
+    p.add_argument("--num-beams", type=int, default=4, help="beams; the paper uses 4 (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="sources per decoding batch (default: 8)")
+    p.add_argument("--mode", choices=["compiled", "static", "eager"], default="compiled",
+                   help="(default: compiled)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
     p.add_argument("--no-bertscore", action="store_true", help="skip BERTScore (it needs its own model)")
-    p.add_argument("--bertscore-model", help="bert-score model name or local folder (default roberta-large)")
-    p.add_argument("--bertscore-layers", type=int, help="layer of --bertscore-model to use")
-    p.add_argument("--metric", default="R-L", help="metric on the plot's y axis (default R-L)")
+    p.add_argument("--bertscore-model",
+                   help="bert-score model name or local folder (default: roberta-large, from the hub)")
+    p.add_argument("--bertscore-layers", type=int,
+                   help="layer of --bertscore-model to use (default: bert-score's, or a folder's last)")
+    p.add_argument("--metric", default="R-L", help="metric on the plot's y axis (default: R-L)")
     p.add_argument("--output", type=Path, required=True, help="folder for results.json, table.md, plot, predictions")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep the finished rows of the evaluation in --output and decode the rest")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the evaluation in --output (its files only)")
     p.set_defaults(func=run)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
 
 
 def run(args: argparse.Namespace) -> int:
     import hsd_jax
     from hsd_jax import data
-    from hsd_jax.evaluate import evaluate, group_references, markdown_table, plot_quality_vs_layers
-    from hsd_jax.io import write_json, write_jsonl, write_text
+    from hsd_jax.evaluate import PLOT, RESULTS, TABLE, evaluate_to_folder, group_references, markdown_table
+    from hsd_jax.metrics import BertScorer
 
-    schedules = [spec for s in args.schedules for spec in (PAPER if s == "paper" else [s])]
+    if args.limit is not None and args.limit < 1:
+        raise HsdError(f"--limit must be at least 1, got {args.limit}; leave it out to evaluate every source")
+    for flag in ("num_beams", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise HsdError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    _check_output_folder(args.output)
     if args.dataset:
         pairs = data.load_dataset_pairs(args.dataset, args.split)
         name = f"{args.dataset}/{args.split}"
@@ -65,25 +74,45 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
     lm = hsd_jax.load(args.model, dtype=args.dtype)
-    results = evaluate(lm, sources, references, schedules, num_beams=args.num_beams,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode,
-                       with_bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
-                       bertscore_layers=args.bertscore_layers)
-    if args.metric not in results[0].scores:
-        raise HsdError(f"--metric {args.metric!r} is not among {', '.join(results[0].scores)}")
-
+    scorer = None if args.no_bertscore else BertScorer(args.bertscore_model, args.bertscore_layers)
     title = f"{Path(str(args.model)).name} on {name} ({len(sources)} sources, beam {args.num_beams})"
-    table = markdown_table(results, title)
+    settings = {"model": _resolved(args.model), "dataset": name, "dtype": args.dtype}
+    try:
+        results = evaluate_to_folder(
+            lm, sources, references, args.schedules, args.output, settings=settings, title=title,
+            resume=args.resume, overwrite=args.overwrite, metric=args.metric, num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode, bertscorer=scorer)
+    except KeyboardInterrupt:
+        print(f"hsd-jax eval: interrupted; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
+              f"{args.output}; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    print(markdown_table(results, title))
     out = args.output
-    for r in results:
-        write_jsonl(out / "predictions" / f"{_slug(r.method)}.jsonl",
-                    ({"source": s, "prediction": p, "references": refs}
-                     for s, p, refs in zip(sources, r.predictions, references)))
-    write_json(out / "results.json", {"model": str(args.model), "dataset": name, "num_sources": len(sources),
-                                      "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-                                      "rows": [r.row() for r in results]})
-    write_text(out / "table.md", table)
-    plot_quality_vs_layers(results, out / "quality_vs_layers.png", metric=args.metric, title=title)
-    print(table)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'quality_vs_layers.png'} and predictions/")
+    print(f"wrote {out / RESULTS}, {out / TABLE}, {out / PLOT} and {out / 'predictions'}/")
     return 0
+
+
+def _rows_saved(results_file: Path) -> int:
+    try:
+        return len(json.loads(results_file.read_text())["rows"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _resolved(model: str) -> str:
+    """A local folder's absolute path (the same model wherever the command runs), else the hub id."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def _check_output_folder(out: Path) -> None:
+    """The results folder can be created and written, checked before any work."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise HsdError(f"--output {out} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise HsdError(f"cannot write to --output {out} ({err.strerror or err}); choose a writable folder") from None
