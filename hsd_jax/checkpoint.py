@@ -84,11 +84,11 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     if st.exists():
         files = [st]
     elif st_index.exists():
-        files = sorted({folder / f for f in _read_json(st_index)["weight_map"].values()})
+        files = _shards(st_index)
     elif pt.exists():
         files = [pt]
     elif pt_index.exists():
-        files = sorted({folder / f for f in _read_json(pt_index)["weight_map"].values()})
+        files = _shards(pt_index)
     else:
         raise HsdError(f"{folder} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
     tensors: dict[str, np.ndarray] = {}
@@ -103,6 +103,14 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
             raise HsdError(f"cannot read weights from {f}: the file looks corrupt or truncated "
                            f"({type(err).__name__}: {err})") from err
     return tensors
+
+
+def _shards(index: Path) -> list[Path]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise HsdError(f"{index} has no \"weight_map\" object naming the shard of each weight; "
+                       "write the index again with save_pretrained, or merge the shards into model.safetensors")
+    return sorted({index.parent / f for f in weight_map.values()})
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -123,11 +131,60 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
+_JSON_KINDS = {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; every JSON file of a model folder holds one."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HsdError(f"cannot read {path}: {err}") from err
+    if not isinstance(value, dict):
+        raise HsdError(f"{path} holds a JSON {_JSON_KINDS.get(type(value), 'value')}, not an object "
+                       f"({{...}}): replace it with the {path.name} that transformers' save_pretrained writes")
+    return value
+
+
+def _check_config(hf: dict, fam, config_path: Path) -> None:
+    """Sizes that are not positive integers, and heads that do not split the width, fail
+    here with the key's name rather than as a crash inside JAX."""
+    for key in fam.SIZE_KEYS + fam.OPTIONAL_SIZE_KEYS:
+        if key not in hf or (hf[key] is None and key in fam.OPTIONAL_SIZE_KEYS):
+            continue  # a missing required key is reported by config_from_hf's KeyError
+        value = hf[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HsdError(f"{key} in {config_path} is {value!r}, not a positive whole number: "
+                           "write it as an integer, without quotes or a decimal point")
+    heads, width = hf.get(fam.HEADS_KEY), hf.get(fam.WIDTH_KEY)
+    if heads is not None and width is not None and width % heads:
+        raise HsdError(f"{fam.HEADS_KEY} = {heads} does not divide {fam.WIDTH_KEY} = {width} in {config_path}: "
+                       f"each attention head gets {fam.WIDTH_KEY} / {fam.HEADS_KEY} dims; "
+                       "use the config.json these weights were saved with")
+
+
+def _canonical_names(tensors: dict[str, np.ndarray], fam) -> dict[str, np.ndarray]:
+    """Accepts both "transformer.wte.weight" and "wte.weight" (GPT-2's hub checkpoints)."""
+    if not fam.OPTIONAL_PREFIX:
+        return tensors
+    return {k if k.startswith(fam.OPTIONAL_PREFIX) or k.startswith("lm_head") else fam.OPTIONAL_PREFIX + k: v
+            for k, v in tensors.items()}
+
+
+def _layers_in(tensors: dict[str, np.ndarray], fam) -> int:
+    """How many layers the weights hold: one more than the highest layer index."""
+    prefix = fam.LAYER_PREFIX.split("{}")[0]
+    indices = [name[len(prefix):].split(".")[0] for name in tensors if name.startswith(prefix)]
+    return max((int(i) + 1 for i in indices if i.isdigit()), default=0)
+
+
+def _check_layer_count(tensors: dict[str, np.ndarray], config: ModelConfig, fam, config_path: Path) -> None:
+    """The weights must hold exactly the config's layers: extra ones would be silently ignored."""
+    found = _layers_in(_canonical_names(tensors, fam), fam)
+    if found and found != config.num_layers:
+        raise HsdError(f"the weights in {config_path.parent} hold {found} layers but {fam.LAYERS_KEY} in "
+                       f"{config_path} is {config.num_layers}: set {fam.LAYERS_KEY} to {found} "
+                       "(or use the config.json these weights were saved with)")
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -139,9 +196,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jnp.float32):
     """Maps checkpoint names to the stacked pytree, transposing and checking shapes."""
     fam = family(config)
-    if fam.OPTIONAL_PREFIX:  # accept both "transformer.wte.weight" and "wte.weight"
-        tensors = {k if k.startswith(fam.OPTIONAL_PREFIX) or k.startswith("lm_head") else
-                   fam.OPTIONAL_PREFIX + k: v for k, v in tensors.items()}
+    tensors = _canonical_names(tensors, fam)
     params: dict = {}
     missing = []
 
@@ -218,6 +273,7 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
         raise HsdError(f"model_type {model_type!r} in {config_path} is not supported; "
                        f"hsd-jax runs {' and '.join(sorted(FAMILIES))} checkpoints")
     fam = FAMILIES[model_type]
+    _check_config(hf, fam, config_path)
     try:
         config = fam.config_from_hf(hf)
     except KeyError as err:
@@ -225,18 +281,47 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
     unsupported = fam.check_supported(hf)
     if unsupported:
         raise HsdError(f"{config_path} uses options hsd-jax does not implement: {', '.join(unsupported)}")
-    params = params_from_tensors(_read_tensors(folder), config, _DTYPES[dtype])
-    tok = _load_tokenizer(folder) if tokenizer else None
+    tok = _load_tokenizer(folder) if tokenizer else None  # before the weights: a bad file fails fast
+    tensors = _read_tensors(folder)
+    _check_layer_count(tensors, config, fam, config_path)
+    params = params_from_tensors(tensors, config, _DTYPES[dtype])
     return LanguageModel(config=config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
 
 
+_BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 BPE tokenizer without tokenizer.json needs both
+_TOKENIZER_FIX = ("save the tokenizer again with tokenizer.save_pretrained(folder), or load the model "
+                  "without it (hsd_jax.load(..., tokenizer=False))")
+
+
 def _load_tokenizer(folder: Path):
-    has_files = any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
-    if not has_files:
+    """The folder's tokenizer, None when it has no tokenizer files; a broken one is an HsdError."""
+    files = {f for f in ("tokenizer.json", *_BPE_FILES, "tokenizer_config.json") if (folder / f).exists()}
+    if not files:
         return None
+    if "tokenizer.json" in files:
+        _check_tokenizer_json(folder / "tokenizer.json")
+    elif len(files & set(_BPE_FILES)) == 1:
+        (present,), (absent,) = files & set(_BPE_FILES), set(_BPE_FILES) - files
+        raise HsdError(f"{folder} has {present} but no {absent}: a GPT-2 BPE tokenizer needs both "
+                       f"(or a tokenizer.json); copy {absent} from the model it came from, or {_TOKENIZER_FIX}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001 - tokenizer files fail in many ways
+        first_line = (str(err).splitlines() or [""])[0]
+        raise HsdError(f"cannot load the tokenizer in {folder} ({type(err).__name__}: {first_line}); "
+                       f"{_TOKENIZER_FIX}") from err
+
+
+def _check_tokenizer_json(path: Path) -> None:
+    """transformers reports a corrupt tokenizer.json as a bare KeyError or TypeError."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HsdError(f"{path} is not valid JSON ({err}): the file is corrupt; {_TOKENIZER_FIX}") from err
+    if not isinstance(value, dict) or not isinstance(value.get("model"), dict):
+        raise HsdError(f"{path} is not a tokenizer (a tokenizer.json holds a \"model\" object); {_TOKENIZER_FIX}")
 
 
 def save_pretrained(lm: LanguageModel, folder: str | os.PathLike) -> Path:

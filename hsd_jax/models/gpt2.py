@@ -45,6 +45,13 @@ LAYER_PREFIX = "transformer.h.{}."
 # The original OpenAI checkpoints on the hub name weights without "transformer.".
 OPTIONAL_PREFIX = "transformer."
 TRANSPOSED: frozenset[str] = frozenset()  # Conv1D weights are already (in, out)
+# config.json keys `load` checks before building a ModelConfig, so a bad value is one clear
+# error rather than a crash deep in JAX: the layer count (against the weights), the heads
+# and the width they split, and the sizes that must be positive integers (optional ones
+# may also be null).
+LAYERS_KEY, HEADS_KEY, WIDTH_KEY = "n_layer", "n_head", "n_embd"
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
+OPTIONAL_SIZE_KEYS = ("n_inner",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

@@ -48,6 +48,10 @@ TRANSPOSED = frozenset(
     [k for k in LAYER_WEIGHTS if k.endswith("_proj.weight") or k.endswith("dense.weight")]
     + ["mlp.fc1.weight", "mlp.fc2.weight", "lm_head.weight"]
 )
+# config.json keys `load` checks before building a ModelConfig (see gpt2.py).
+LAYERS_KEY, HEADS_KEY, WIDTH_KEY = "num_hidden_layers", "num_attention_heads", "hidden_size"
+SIZE_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
+OPTIONAL_SIZE_KEYS = ("max_position_embeddings",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
