@@ -22,11 +22,15 @@ def register(subparsers) -> None:
         description="Print which layers each decode step runs, the nominal average layers, "
         "whether the schedule is nested and how many KV cache cells need state propagation. "
         "SPEC is e.g. 'hsd:s=1,min=0,max=20', a preset name (see --list) or a .npy mask.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("spec", nargs="?", metavar="SPEC", help="schedule spec, preset name or mask file; 'list' lists the presets")
-    parser.add_argument("--layers", type=int, metavar="L", help="number of transformer layers of the model (36 for GPT-2 large, 32 for Phi-2)")
-    parser.add_argument("--steps", type=int, metavar="T", help="number of decode steps (max new tokens)")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="also write the heat map as a PNG image")
+    parser.add_argument("--layers", type=int, metavar="L", help="number of transformer layers of the model "
+                        "(36 for GPT-2 large, 32 for Phi-2), or None for a mask file's column count")
+    parser.add_argument("--steps", type=int, metavar="T", help="number of decode steps (max new tokens), "
+                        "or None for a mask file's row count")
+    parser.add_argument("--plot", type=Path, metavar="IMAGE", help="also write the heat map as an image; "
+                        "its extension picks the format (.png, .jpg, .svg, .pdf, ...)")
     parser.add_argument("--json", action="store_true", help="print the schedule as JSON instead of a heat map")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     parser.set_defaults(func=run)
@@ -39,14 +43,21 @@ def run(args: argparse.Namespace) -> int:
         return _print_presets(schedules.preset_infos())
     if args.spec is None:
         raise HsdError("give a SPEC (e.g. 'hsd:s=1,min=0,max=20' or a preset; --list shows them)")
-    if args.layers is None or args.steps is None:
+    if args.plot:
+        _image_format(args.plot)  # before any work: a bad name fails at once
+    steps, layers = args.steps, args.layers
+    if _is_mask(args.spec) and (steps is None or layers is None):
+        mask_steps, mask_layers = _mask_shape(args.spec)
+        steps = mask_steps if steps is None else steps
+        layers = mask_layers if layers is None else layers
+    if layers is None or steps is None:
         raise HsdError("give the model's number of layers and the decode steps, e.g. --layers 36 --steps 72")
 
-    resolved = schedules.resolve(args.spec, num_layers=args.layers, max_new_tokens=args.steps)
+    resolved = schedules.resolve(args.spec, num_layers=layers, max_new_tokens=steps)
     if isinstance(resolved, schedules.CalmConfig):
         if args.plot:
             raise HsdError(f"{resolved.name} decides its exit layers at run time, so there is no schedule to plot")
-        return _print_calm(resolved, args.steps, as_json=args.json)
+        return _print_calm(resolved, steps, as_json=args.json)
 
     sched = resolved
     if args.json:
@@ -60,6 +71,26 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {args.plot}")
     return 0
+
+
+def _is_mask(spec: str) -> bool:
+    return spec.startswith("mask:") or spec.endswith(".npy")
+
+
+def _mask_shape(spec: str) -> tuple[int, int]:
+    """(steps, layers) of a .npy mask, read from its header only."""
+    import numpy as np
+
+    path = spec.removeprefix("mask:")
+    if not Path(path).is_file():
+        raise HsdError(f"mask file {path} does not exist; give a .npy file holding a bool [steps, layers] array")
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as err:
+        raise HsdError(f"cannot read the mask file {path} as a .npy array: {err}") from None
+    if len(shape) != 2:
+        raise HsdError(f"mask file {path} holds a {len(shape)}-D array; a mask is 2-D, [steps, layers]")
+    return shape
 
 
 def _summary(sched) -> dict:
@@ -122,24 +153,42 @@ def _print_presets(infos: dict) -> int:
     return 0
 
 
+# Formats the Agg canvas writes itself (pgf needs a LaTeX install).
+_NEEDS_TOOLS = {"pgf"}
+
+
+def _image_format(path: Path) -> str:
+    """The image format `path`'s extension names; an HsdError when matplotlib cannot write it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = [f for f in FigureCanvasAgg.get_supported_filetypes() if f not in _NEEDS_TOOLS]
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        raise HsdError(f"--plot {path}: {'.' + suffix if suffix else 'no extension'} is not an image format "
+                       f"matplotlib writes; end the name with one of {', '.join('.' + f for f in formats)}")
+    return suffix
+
+
 def _plot(sched, path: Path) -> None:
-    """Write the heat map as a PNG, atomically: a reader never sees half a file."""
+    """Write the heat map as an image, atomically: a reader never sees half a file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    # A bare Figure with the Agg canvas: no pyplot, so no global backend is touched.
-    fig = Figure(figsize=(max(4.0, sched.num_layers * 0.18), max(3.0, min(sched.max_new_tokens, 200) * 0.06)))
+    # A bare Figure with the Agg canvas: no pyplot, so no global backend is touched. The
+    # constrained layout keeps the legend in a row of its own below the axis label.
+    fig = Figure(figsize=(max(4.0, sched.num_layers * 0.18), max(3.0, min(sched.max_new_tokens, 200) * 0.06)),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     colors = ["#1f4e79", "#e39b2d", "#f2f2f2"]  # run, propagate KV, skip
     ax.imshow(sched.layer_ops(), cmap=ListedColormap(colors), vmin=0, vmax=2, aspect="auto", interpolation="nearest")
     labels = ["run", "skip, KV by state propagation", "skip"]
     handles = [Patch(facecolor=c, edgecolor="grey", label=label) for c, label in zip(colors, labels)]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize="small", frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize="small", frameon=False)
     ax.set_xlabel("layer")
     ax.set_ylabel("decode step")
     ax.set_title(f"{sched.name}: {sched.avg_layers:.2f} layers/step")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format=_image_format(path), dpi=100, bbox_inches="tight")
