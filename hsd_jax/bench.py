@@ -589,22 +589,24 @@ def _check_line(c: dict) -> str:
 
 
 def print_table(result: dict) -> None:
-    """Rich tables when rich is installed, else `format_table`."""
+    """Rich tables on a terminal wide enough for every number; else `format_table`, whose
+    plain lines a log, a pipe or a narrow terminal keeps whole (rich would cut columns)."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         print(format_table(result))
         return
-    console = Console(width=None if Console().is_terminal else 120)
+    console = Console()
+    tables = [_rich_table(rec, Table) for rec in result["cases"]]
+    unbounded = console.options.update_width(1 << 20)  # console.measure alone stops at the console width
+    too_wide = any(console.measure(t, options=unbounded).minimum > console.width for t in tables)
+    if not console.is_terminal or too_wide:
+        print(format_table(result))
+        return
     console.print(f"hsd-jax bench: {result['suite']} on {result['environment']['device']}, "
                   f"medians of {result['repeats']}", markup=False)
-    for rec in result["cases"]:
-        table = Table(title=_case_title(rec), title_justify="left")
-        for h in HEADER:
-            table.add_column(h, justify="left" if h in ("runner", "schedule") else "right", no_wrap=True)
-        for row in case_rows(rec):
-            table.add_row(*row)
+    for rec, table in zip(result["cases"], tables):
         console.print(table)
         for note in rec.get("notes", []):
             console.print(f"  {note}", markup=False)
@@ -612,6 +614,20 @@ def print_table(result: dict) -> None:
         console.print(_NOISY_NOTE, markup=False)
     for c in result.get("checks", []):
         console.print(_check_line(c), markup=False)
+
+
+def _rich_table(rec: dict, table_type):
+    """A case's rich table: headers and the schedule may fold onto more lines, a number
+    keeps its whole width."""
+    table = table_type(title=_case_title(rec), title_justify="left")
+    rows = case_rows(rec)
+    for i, h in enumerate(HEADER):
+        widest = max((len(r[i]) for r in rows), default=0)
+        table.add_column(h, justify="left" if h in ("runner", "schedule") else "right", overflow="fold",
+                         min_width=None if h == "schedule" else widest)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 # --- suites --------------------------------------------------------------------------

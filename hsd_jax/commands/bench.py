@@ -18,25 +18,34 @@ def register(subparsers) -> None:
         "against the memory roofline measured in the same run. Medians of --repeats rounds after a warm-up; "
         "compile time reported apart; EOS disabled, so every run makes exactly --new-tokens tokens. "
         "Suites are defined in eval/bench_suites.py; docs/benchmarks.md explains every column.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # An option left out takes the suite's value: its argparse default is None, which
+    # --help shows as "(default: None)", so each help says what None stands for.
     p.add_argument("--suite", default="quick",
-                   help="quick (default: GPT-2 small, prompt 32, batch 1, a few minutes on CPU), full, gpu")
+                   help="quick (GPT-2 small, prompt 32, batch 1, a few minutes on CPU), full or gpu")
     p.add_argument("--model", nargs="+", metavar="ARCH",
-                   help="architectures: gpt2, gpt2-medium, gpt2-large, phi-2 (tiny-gpt2, tiny-phi for tests)")
-    p.add_argument("--prompt", nargs="+", type=int, metavar="N", help="prompt lengths in tokens")
-    p.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes (inputs)")
-    p.add_argument("--beams", nargs="+", type=int, metavar="K", help="beam counts (1 = greedy)")
+                   help="architectures: gpt2, gpt2-medium, gpt2-large, phi-2 (tiny-gpt2, tiny-phi for tests), "
+                   "or None for the suite's")
+    p.add_argument("--prompt", nargs="+", type=int, metavar="N",
+                   help="prompt lengths in tokens, or None for the suite's")
+    p.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes (inputs), or None for the suite's")
+    p.add_argument("--beams", nargs="+", type=int, metavar="K",
+                   help="beam counts (1 = greedy), or None for the suite's")
     p.add_argument("--schedules", nargs="*", metavar="SPEC",
-                   help="schedules to compare with vanilla (specs or presets); none: vanilla only")
+                   help="schedules to compare with vanilla (specs or presets), the flag alone for vanilla only, "
+                   "or None for the suite's")
     p.add_argument("--runners", nargs="+", choices=["transformers", "eager", "compiled", "static"],
-                   help="what vanilla runs under (schedules run under compiled and static)")
-    p.add_argument("--repeats", type=int, help="timed rounds per case (default: the suite's, 3)")
-    p.add_argument("--new-tokens", type=int, help="tokens generated per input (default 64)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: the suite's)")
+                   help="what vanilla runs under (schedules run under compiled and static), or None for the suite's")
+    p.add_argument("--repeats", type=int, help="timed rounds per case, or None for the suite's (3 if it sets none)")
+    p.add_argument("--new-tokens", type=int,
+                   help="tokens generated per input, or None for the suite's (64 if it sets none)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype, or None for the suite's")
     p.add_argument("--json", type=Path, metavar="PATH",
-                   help="write the results here, atomically, after every case (default runs/bench/SUITE.json)")
-    p.add_argument("--suites-file", type=Path, metavar="PY", help="suites file (default eval/bench_suites.py)")
-    p.add_argument("--max-seconds", type=float, help="skip the cases that would start after this many seconds")
+                   help="where to write the results, atomically, after every case, or None for runs/bench/SUITE.json")
+    p.add_argument("--suites-file", type=Path, metavar="PY", help="suites file, or None for eval/bench_suites.py")
+    p.add_argument("--max-seconds", type=float,
+                   help="skip the cases that would start after this many seconds, or None for no limit")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models of the same families and 1 repeat: checks that a suite runs, in seconds")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
