@@ -268,11 +268,26 @@ def load_dataset_pairs(name: str, split: str = "train") -> list[Pair]:
         pairs = spec.local(root, split)
         if pairs is not None:
             return pairs
-    rows = _hub_rows(spec, split)
+    rows = _hub_rows(spec, split, _offline_fix(spec, root))
     return _pairs_from_rows(rows, spec.source_field, spec.target_field, f"{spec.hub_id} ({split})")
 
 
-def _hub_rows(spec: DatasetSpec, split: str):
+def _offline_fix(spec: DatasetSpec, root: Path | None) -> str:
+    """Where a dataset can come from without the hub: the shared data folder, for the
+    datasets that have a reader for it."""
+    local = [name for name, s in DATASETS.items() if s.local is not None]
+    if spec.local is None:
+        return (f"or pass a local --train-file (HSD_DATA_DIR, a local copy of the shared data folder, "
+                f"serves only {', '.join(local)})")
+    env = os.environ.get("HSD_DATA_DIR")
+    if root:
+        found = f"{root} does not hold this split"
+    else:
+        found = f"it is {env}, which is not a folder" if env else "it is not set and there is no ../shared/data"
+    return f"pass a local --train-file, or set HSD_DATA_DIR to a local copy of the shared data folder ({found})"
+
+
+def _hub_rows(spec: DatasetSpec, split: str, offline_fix: str):
     import datasets
 
     first_error = None
@@ -284,7 +299,7 @@ def _hub_rows(spec: DatasetSpec, split: str):
     raise HsdError(f"could not load {spec.hub_id}" + (f" ({spec.config})" if spec.config else "")
                    + f" split {split!r} from the Hugging Face hub ({type(first_error).__name__}: "
                    f"{str(first_error).splitlines()[0] if str(first_error) else ''}); check the split name "
-                   "and your network, or pass a local --train-file") from first_error
+                   f"and your network, {offline_fix}") from first_error
 
 
 def _text(value, field: str, where: str) -> str:

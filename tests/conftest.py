@@ -13,7 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def shared_data() -> Path:
+    """The shared data folder, found as hsd-jax finds it ($HSD_DATA_DIR, else ../shared/data),
+    so a test reads the same files as the code it checks. It may not exist: a user's clone
+    has none, and the tests that need it skip (`needs_shared_data`)."""
+    from hsd_jax.data import shared_data_dir
+
+    return shared_data_dir() or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+SHARED_DATA = shared_data()
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(),
+                                       reason="no shared data folder (set HSD_DATA_DIR or add ../shared/data)")
 
 
 def randomise_norms(model, seed: int = 0) -> None:
