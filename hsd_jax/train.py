@@ -4,7 +4,8 @@
     result = train(TrainConfig(model="gpt2", train_file="pairs.jsonl", mode="lora", output="runs/x"))
 
 What a run does, in order:
-  1. checks the output folder: a folder holding another run needs `resume=True`;
+  1. locks the output folder for its lifetime (a second run into it is refused) and checks
+     it: a folder holding another run needs `resume=True`;
   2. loads the model (a Hugging Face folder / hub id, or `random:<preset|config.json>`
      for GPT-2 weights drawn at random) and its tokenizer;
   3. reads and tokenises the pairs (`hsd_jax.data`: prompt format, loss on the target);
@@ -28,11 +29,15 @@ decoding computes without another forward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +53,9 @@ from hsd_jax.progress import progress
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"  # held (flock) by the live run; the OS drops it when the process dies
+# Orbax writes a checkpoint to "<step>.orbax-checkpoint-tmp[-<time>]" and renames it when complete.
+ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 # Settings a resumed run must share with the run it continues (the rest may change).
 _RUN_KEYS = ("model", "tokenizer", "dataset", "split", "train_file", "source_field", "target_field", "limit",
@@ -84,7 +92,7 @@ class TrainConfig:
     eval_split: str | None = None  # or a split of --dataset
     eval_every: int = 0  # steps between validation losses; 0 = only at the end when eval data is given
     eval_limit: int | None = None  # use only the first N validation pairs
-    tokenizer: str | None = None  # tokenizer folder; needed with random weights
+    tokenizer: str | None = None  # folder or hub id, or "bpe:N" (learn N tokens on the training pairs)
     mode: str = "full"  # "full" | "lora"
     epochs: int = 3
     batch_size: int = 8  # global, over all devices
@@ -115,6 +123,14 @@ class TrainResult:
     eval_losses: dict[int, float]
     num_train_pairs: int
     trainable_params: int
+    learning_rates: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> its learning rate
+    schedule_steps: int = 0  # the steps `epochs` make
+    warmup_steps: int = 0
+    already_done: bool = False  # a resume that found the run at its last step, model written: nothing ran
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message names the intact checkpoint a `--resume` continues from."""
 
 
 # ---------------------------------------------------------------- distributed
@@ -205,11 +221,28 @@ def init_gpt2_params(config, key):
     return params
 
 
-def _load_model(cfg: TrainConfig):
+BPE_PREFIX = "bpe:"
+
+
+def _learned_tokenizer(spec: str, train_pairs):
+    """`bpe:N`: a byte-level BPE of N tokens learned on the training pairs (deterministic,
+    so a resumed run learns the same one; the data fingerprint would notice otherwise)."""
+    from hsd_jax import tokenizer as tokenizer_lib
+
+    try:
+        vocab_size = int(spec[len(BPE_PREFIX):])
+    except ValueError:
+        raise HsdError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096") from None
+    return tokenizer_lib.train_bpe(tokenizer_lib.pair_texts(train_pairs), vocab_size)
+
+
+def _load_model(cfg: TrainConfig, train_pairs):
     from hsd_jax.checkpoint import _load_tokenizer, _resolve_folder, load
 
     tokenizer = None
-    if cfg.tokenizer:
+    if cfg.tokenizer and cfg.tokenizer.startswith(BPE_PREFIX):
+        tokenizer = _learned_tokenizer(cfg.tokenizer, train_pairs)
+    elif cfg.tokenizer:
         tokenizer = _load_tokenizer(_resolve_folder(cfg.tokenizer))  # a folder or a hub id
         if tokenizer is None:
             raise HsdError(f"{cfg.tokenizer} holds no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
@@ -332,8 +365,7 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int | N
     import jax
     import optax
 
-    warmup = warmup_steps if warmup_steps is not None else int(0.06 * total_steps)
-    warmup = min(warmup, total_steps)
+    warmup = warmup_length(total_steps, warmup_steps)
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
          optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1))],
@@ -348,6 +380,11 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int | N
         optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask),
     )
     return tx, schedule
+
+
+def warmup_length(total_steps: int, warmup_steps: int | None) -> int:
+    """The warm-up steps: `warmup_steps`, or 6% of the schedule when None."""
+    return min(warmup_steps if warmup_steps is not None else int(0.06 * total_steps), total_steps)
 
 
 @functools.lru_cache(maxsize=4)
@@ -375,42 +412,7 @@ def _run_settings(cfg: TrainConfig) -> dict:
     return settings
 
 
-def _prepare_output(cfg: TrainConfig, out: Path) -> dict | None:
-    """Checks the output folder; returns the previous run's record when resuming one."""
-    run_file = out / RUN_FILE
-    if out.exists() and not out.is_dir():
-        raise HsdError(f"--output {out} is a file; give a folder")
-    busy = out.exists() and any(out.iterdir())
-    if not busy:
-        return None
-    if not run_file.exists():
-        raise HsdError(f"--output {out} is not empty and holds no training run; choose a new or empty folder")
-    if not cfg.resume:
-        raise HsdError(f"--output {out} holds another training run; pass --resume to continue it, "
-                       "or choose another --output")
-    previous = json.loads(run_file.read_text())
-    now = _run_settings(cfg)
-    changed = [k for k in _RUN_KEYS if previous.get("settings", {}).get(k) != now[k]]
-    if changed:
-        diffs = "; ".join(f"{k}: {previous['settings'].get(k)!r} then, {now[k]!r} now" for k in changed)
-        raise HsdError(f"--resume must repeat the settings of the run in {out} ({diffs}); "
-                       "pass the same values, or start a new run in another --output")
-    return previous
-
-
-def _trim_log(path: Path, last_step: int) -> None:
-    """Drops log lines past the restored step (the run died after logging, before saving)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    write_text(path, "".join(line + "\n" for line in keep))
-
-
-# ---------------------------------------------------------------- the loop
-
-
-def train(cfg: TrainConfig) -> TrainResult:
-    """Runs (or resumes) a training run; see the module docstring."""
+def _check_config(cfg: TrainConfig) -> None:
     if cfg.mode not in ("full", "lora"):
         raise HsdError(f"--mode must be full or lora, got {cfg.mode!r}")
     for name in ("epochs", "batch_size", "log_every", "save_every"):
@@ -418,30 +420,257 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise HsdError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if cfg.keep_checkpoints < 1:  # with none kept, a later --resume would start over and overwrite the model
+        raise HsdError(f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}: a run without "
+                       "a checkpoint cannot be resumed")
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise HsdError(f"--output {cfg.output} is a file; give a folder")
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path, enabled: bool):
+    """Holds an OS lock on OUTPUT/.lock while the run lives, so a second run into the folder
+    is refused instead of interleaving its log and checkpoints with this one's. The OS drops
+    the lock when the process dies (kill -9 too), so no stale lock is left behind. A folder
+    this run created and left empty (it failed before writing) is removed again."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): run unlocked
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    with open(lock, "a+") as handle:
+        _take_lock(fcntl, handle, lock, out)
+        try:
+            yield
+        finally:
+            if created and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+                lock.unlink()
+                out.rmdir()
+
+
+def _take_lock(fcntl, handle, lock: Path, out: Path) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        ours = False
+    except OSError as err:  # a file system without locks (some NFS mounts)
+        print(f"note: cannot lock {lock} ({err.strerror}), so nothing stops a second run into {out}",
+              file=sys.stderr)
+        return
+    else:  # a run that failed at start removes the file: a lock on the removed file locks nothing
+        ours = lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+    if not ours:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise HsdError(f"--output {out} is in use by another training run (process {holder}); wait for it to "
+                       "end, or choose another --output")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # names the holder to a refused run
+    handle.flush()
+
+
+def _prepare_output(cfg: TrainConfig, out: Path) -> dict | None:
+    """Checks the output folder; returns the previous run's record when resuming one."""
+    run_file = out / RUN_FILE
+    busy = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
+    if not busy:
+        return None
+    if not run_file.exists():
+        raise HsdError(f"--output {out} is not empty and holds no training run; choose a new or empty folder")
+    if not cfg.resume:
+        raise HsdError(f"--output {out} holds another training run; pass --resume to continue it, "
+                       "or choose another --output")
+    previous = _read_run_file(run_file)
+    now = _run_settings(cfg)
+    changed = [k for k in _RUN_KEYS if previous["settings"].get(k) != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {previous['settings'].get(k)!r} then, {now[k]!r} now" for k in changed)
+        raise HsdError(f"--resume must repeat the settings of the run in {out} ({diffs}); "
+                       "pass the same values, or start a new run in another --output")
+    return previous
+
+
+def _read_run_file(path: Path) -> dict:
+    fix = "restore it, or start a new run in another --output"
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise HsdError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise HsdError(f"{path} holds no run settings; {fix}")
+    return record
+
+
+def weights_fingerprint(params) -> dict:
+    """{"sha256": of all arrays, "arrays": {path: short digest}}: each array's path, dtype,
+    shape and bytes, in path order; the per-array digests let a resume name what changed."""
+    import jax
+
+    total, arrays = hashlib.sha256(), {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:  # dict keys in sorted order
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest = hashlib.sha256(f"{name} {array.dtype} {array.shape}".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+        arrays[name] = digest.hexdigest()[:16]
+        total.update(digest.digest())
+    return {"sha256": total.hexdigest(), "arrays": arrays}
+
+
+def _check_inputs_unchanged(previous: dict, out: Path, data_fingerprint: str, base_weights: dict) -> None:
+    """A resume must see the data and base weights the run began with (the settings only name
+    them), or its batches and losses would not continue the run's."""
+    if previous.get("data_fingerprint") != data_fingerprint:
+        raise HsdError(f"the training data differs from the data the run in {out} began with, so the "
+                       "batches would not repeat; restore the data, or start a new run in another --output")
+    before = previous.get("base_weights")  # absent in runs recorded before it was
+    if before is None or before.get("sha256") == base_weights["sha256"]:
+        return
+    old, new = before.get("arrays", {}), base_weights["arrays"]
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    named = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    raise HsdError(f"the base model's weights differ from those the run in {out} began with ({named} changed) "
+                   f"though --model {previous['settings'].get('model')} is the same; restore those weights, "
+                   "or start a new run in another --output")
+
+
+def _remove_unfinished_checkpoints(folder: Path) -> None:
+    """Deletes the temporary folders of saves a stopped run left unfinished: Orbax never reads
+    them, and the next save of that step would meet one."""
+    for stale in sorted(folder.glob(f"*{ORBAX_TMP}*")) if folder.is_dir() else []:
+        print(f"note: removing {stale}, a checkpoint a stopped run left unfinished", file=sys.stderr)
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
+def _log_lines(path: Path, note: bool) -> list[tuple[str, dict]]:
+    """(line, object) for each line of the log. A torn last line (the run was killed while
+    writing it) is dropped; a bad line before the last means other damage, so it is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise HsdError(f"{path}: log line {number} is not JSON; repair or delete that line") from None
+            if note:
+                print(f"note: dropping the torn last line of {path} (the run was stopped while writing it)",
+                      file=sys.stderr)
+    return parsed
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Drops log lines past the restored step (the run died after logging, before saving)."""
+    if not path.exists():
+        return
+    keep = [line for line, record in _log_lines(path, note=True) if record["step"] <= last_step]
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------- stopping cleanly
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def _failures_explained(out: Path, manager):
+    """Ctrl-C and a full disk end a run in one line naming the checkpoint --resume continues from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {_resume_hint(out, manager)}") from None
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        raise HsdError(f"no space left writing to {out} ({full.strerror or full}); free some space: "
+                       f"{_resume_hint(out, manager)}") from None
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT error behind `err`, if any (a writer's error may come wrapped)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _resume_hint(out: Path, manager) -> str:
+    step = _intact_step(manager)
+    if step is None:
+        return f"no checkpoint was written yet, and --resume --output {out} starts again from step 0"
+    return (f"the last intact checkpoint is step {step} ({out / CHECKPOINTS / str(step)}), "
+            "and --resume continues from it")
+
+
+def _intact_step(manager) -> int | None:
+    """The newest complete checkpoint, once a save under way has finished (or failed)."""
+    try:
+        manager.wait_until_finished()
+    except Exception:  # a failed save is no checkpoint, and the step below skips it
+        pass
+    manager.reload()
+    return manager.latest_step()
+
+
+def _export(out: Path, lm, params, record: dict, step: int) -> None:
+    """OUTPUT as a Hugging Face folder; run.json then records the step it holds, so a resume
+    with nothing left to train leaves it alone (and one after a failed export writes it)."""
+    from hsd_jax import checkpoint
+
+    model = checkpoint.LanguageModel(config=lm.config, params=params, tokenizer=lm.tokenizer, hf_config=lm.hf_config)
+    checkpoint.save_pretrained(model, out)
+    write_json(out / RUN_FILE, {**record, "exported_step": step})
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Runs (or resumes) a training run; see the module docstring."""
+    _check_config(cfg)
     out = Path(cfg.output)
+    maybe_initialize_distributed()
+    import jax
+
+    with _output_lock(out, enabled=jax.process_index() == 0):
+        return _run(cfg, out)
+
+
+def _run(cfg: TrainConfig, out: Path) -> TrainResult:
     previous = _prepare_output(cfg, out)
 
-    maybe_initialize_distributed()
     import jax
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from hsd_jax import lora
-    from hsd_jax.checkpoint import LanguageModel, save_pretrained
 
     lead = jax.process_index() == 0
-    lm = _load_model(cfg)
+    train_pairs = _train_pairs(cfg)
+    lm = _load_model(cfg, train_pairs)
     config = lm.config
     max_len = min(cfg.max_length or config.max_position, config.max_position)
-    train_data = data_lib.encode_pairs(lm.tokenizer, _train_pairs(cfg), max_len,
+    train_data = data_lib.encode_pairs(lm.tokenizer, train_pairs, max_len,
                                        what=cfg.train_file or f"{cfg.dataset} ({cfg.split})")
     eval_pairs = _eval_pairs(cfg)
     eval_data = data_lib.encode_pairs(lm.tokenizer, eval_pairs, max_len, what="the validation data") \
         if eval_pairs else None
-    fingerprint = train_data.fingerprint()
-    if previous is not None and previous.get("data_fingerprint") != fingerprint:
-        raise HsdError(f"the training data differs from the data the run in {out} began with, so the "
-                       "batches would not repeat; restore the data, or start a new run in another --output")
+    fingerprint, base_weights = train_data.fingerprint(), weights_fingerprint(lm.params)
+    if previous is not None:
+        _check_inputs_unchanged(previous, out, fingerprint, base_weights)
 
     # Devices: a 1-D mesh; the global batch splits over it, the weights are replicated.
     if cfg.devices is not None and jax.process_count() == 1:
@@ -463,6 +692,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     if lead and cfg.max_steps and cfg.max_steps > total:
         print(f"note: --max-steps {cfg.max_steps} is past the end of {cfg.epochs} epochs; stopping at step {total} "
               "(raise --epochs to train longer)", file=sys.stderr)
+    summary = dict(output=out, num_train_pairs=len(train_data), schedule_steps=total,
+                   warmup_steps=warmup_length(total, cfg.warmup_steps))
+
+    if lead and previous is not None:
+        _remove_unfinished_checkpoints(out / CHECKPOINTS)
+    manager = ocp.CheckpointManager(
+        (out / CHECKPOINTS).resolve(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True),
+    )
+    start = (manager.latest_step() or 0) if previous is not None else 0
+    if previous is not None and start >= stop and previous.get("exported_step") == start:
+        manager.close()  # the run is over and its model written: rewriting it would change nothing
+        return TrainResult(steps=start, losses={}, eval_losses={}, already_done=True,
+                           trainable_params=int(previous.get("trainable_params", 0)), **summary)
+
     lora_cfg = lora.LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets) if cfg.lora_targets else None)
     optimizer = (cfg.learning_rate, total, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
     tx, schedule, train_step, eval_step = _compiled(config, optimizer, cfg.mode, lora_cfg.scale, cfg.bf16,
@@ -477,25 +721,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     state, frozen = _replicate(state, replicated), _replicate(frozen, replicated)
     num_trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
 
-    manager = ocp.CheckpointManager(
-        (out / CHECKPOINTS).resolve(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True),
-    )
-    start = 0
-    if previous is not None and manager.latest_step() is not None:
-        start = manager.latest_step()
+    if start:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         if lead:
             print(f"resuming {out} from step {start}", file=sys.stderr)
     elif previous is not None and lead:
         print(f"no checkpoint in {out / CHECKPOINTS}; starting from step 0", file=sys.stderr)
+    run_record = {"settings": _run_settings(cfg), "data_fingerprint": fingerprint, "base_weights": base_weights,
+                  "train_pairs": len(train_data), "steps_per_epoch": spe, "schedule_steps": total,
+                  "devices": len(devices), "trainable_params": int(num_trainable)}
     if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"settings": _run_settings(cfg), "data_fingerprint": fingerprint, "train_pairs": len(train_data),
-                  "steps_per_epoch": spe, "schedule_steps": total, "devices": len(devices),
-                  "trainable_params": int(num_trainable)}
-        write_json(out / RUN_FILE, record)
+        write_json(out / RUN_FILE, run_record)
         _trim_log(out / LOG_FILE, start)
 
     def to_device(batch: dict) -> dict:
@@ -515,6 +752,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         return total_nll / max(count, 1.0)
 
     losses: dict[int, float] = {}
+    learning_rates: dict[int, float] = {}
     eval_losses: dict[int, float] = {}
     bar = _progress(cfg.progress and lead, start, stop)
     log = (out / LOG_FILE).open("a") if lead else None
@@ -534,6 +772,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                            "(or drop --bf16) and resume from the last checkpoint with --resume")
         record = {"step": step, "epoch": round(step / spe, 4), "loss": loss, "lr": float(schedule(step - 1)),
                   "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["target_tokens"])}
+        learning_rates[step] = record["lr"]
         if eval_loss is not None:
             eval_losses[step] = record["eval_loss"] = eval_loss
         if step % cfg.log_every == 0 or step == stop or eval_loss is not None:
@@ -545,45 +784,46 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log.flush()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",  # a run still in warm-up shows it
+                            tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
 
-    try:
-        step = start
-        epoch, index = divmod(step, spe)
-        plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
-        while step < stop:
-            if index == spe:
-                epoch, index = epoch + 1, 0
-                plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
-            batch = data_lib.make_batch(train_data, plan[index], cfg.batch_size)
-            state, metrics = train_step(state, frozen, to_device(batch))
-            step, index = step + 1, index + 1
+    with _failures_explained(out, manager):
+        try:
+            step = start
+            epoch, index = divmod(step, spe)
+            plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
+            while step < stop:
+                if index == spe:
+                    epoch, index = epoch + 1, 0
+                    plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
+                batch = data_lib.make_batch(train_data, plan[index], cfg.batch_size)
+                state, metrics = train_step(state, frozen, to_device(batch))
+                step, index = step + 1, index + 1
+                if pending is not None:
+                    flush(pending)
+                pending = (step, metrics, int(batch["attention_mask"].sum()))
+                due_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                                      or step == stop)
+                if due_eval or step % cfg.save_every == 0 or step == stop:
+                    flush(pending, evaluate() if due_eval else None)  # the log never lags a checkpoint
+                    pending = None
+                if step % cfg.save_every == 0 or step == stop:
+                    manager.save(step, args=ocp.args.StandardSave(state))
             if pending is not None:
                 flush(pending)
-            pending = (step, metrics, int(batch["attention_mask"].sum()))
-            due_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == stop)
-            if due_eval or step % cfg.save_every == 0 or step == stop:
-                flush(pending, evaluate() if due_eval else None)  # the log never lags a checkpoint
-                pending = None
-            if step % cfg.save_every == 0 or step == stop:
-                manager.save(step, args=ocp.args.StandardSave(state))
-        if pending is not None:
-            flush(pending)
-        manager.wait_until_finished()
-    finally:
-        if log is not None:
-            log.close()
-        if bar is not None:
-            bar.close()
-
-    if lead:
-        params = lora.merge(frozen, state["trainable"], lora_cfg.scale) if cfg.mode == "lora" \
-            else state["trainable"]
-        export = LanguageModel(config=config, params=params, tokenizer=lm.tokenizer, hf_config=lm.hf_config)
-        save_pretrained(export, out)
+            manager.wait_until_finished()
+        finally:
+            if log is not None:
+                log.close()
+            if bar is not None:
+                bar.close()
+        if lead:
+            params = lora.merge(frozen, state["trainable"], lora_cfg.scale) if cfg.mode == "lora" \
+                else state["trainable"]
+            _export(out, lm, params, run_record, max(stop, start))
     manager.close()
-    return TrainResult(output=out, steps=max(stop, start), losses=losses, eval_losses=eval_losses,
-                       num_train_pairs=len(train_data), trainable_params=int(num_trainable))
+    return TrainResult(steps=max(stop, start), losses=losses, eval_losses=eval_losses,
+                       trainable_params=int(num_trainable), learning_rates=learning_rates, **summary)
 
 
 def _replicate(tree: Any, sharding):
@@ -602,6 +842,5 @@ def _progress(enabled: bool, start: int, stop: int):
 
 
 def read_log(output: str | os.PathLike) -> list[dict]:
-    """The objects of OUTPUT/train_log.jsonl, in order."""
-    path = Path(output) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The objects of OUTPUT/train_log.jsonl, in order (without a torn last line)."""
+    return [record for _, record in _log_lines(Path(output) / LOG_FILE, note=False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hsd_jax.errors import HsdError
 
@@ -22,8 +23,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, metavar="M",
                         help="Hugging Face folder or hub id; or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl|"
-                        "CONFIG.json for random GPT-2 weights (needs --tokenizer)")
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder or hub id (default: the model's)")
+                        "CONFIG.json for random GPT-2 weights (needs --tokenizer; the config's vocab_size may exceed the tokenizer's)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder or hub id (default: the model's); bpe:N learns a byte-level BPE of N "
+                        "tokens on the training pairs and saves it with the model (for random weights)")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="NAME", help=f"a known dataset: {', '.join(DATASET_NAMES)}")
     data.add_argument("--train-file", metavar="FILE", help="local .jsonl / .json / .csv / .tsv of pairs")
@@ -43,10 +45,12 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B",
                         help="global batch size, all devices (default: 8)")
     parser.add_argument("--learning-rate", type=float, default=5e-5, metavar="LR",
-                        help="peak AdamW learning rate (default: 5e-5)")
+                        help="peak AdamW learning rate, reached after warm-up (6%% of the schedule unless "
+                        "--warmup-steps) and decayed linearly to 0 (default: 5e-5)")
     parser.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="AdamW weight decay (default: 0)")
     parser.add_argument("--warmup-steps", type=int, metavar="N",
-                        help="linear warm-up steps (default: 6%% of the schedule)")
+                        help="linear warm-up steps from 0 to --learning-rate (default: 6%% of the schedule, "
+                        "so a short run may never leave warm-up; the progress bar and summary show the rate)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="G",
                         help="global-norm clipping (default: 1.0)")
     parser.add_argument("--max-steps", type=int, metavar="N",
@@ -66,7 +70,8 @@ def register(subparsers) -> None:
     parser.add_argument("--log-every", type=int, default=1, metavar="N", help="steps between log lines (default: 1)")
     parser.add_argument("--save-every", type=int, default=500, metavar="N",
                         help="steps between checkpoints (default: 500; one is always written at the end)")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, metavar="N", help="checkpoints kept (default: 2)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                        help="checkpoints kept, at least 1 (default: 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="run folder; ends as a Hugging Face model folder")
@@ -74,7 +79,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hsd_jax.train import TrainConfig, train  # JAX is imported here, not at `--help`
+    from hsd_jax.train import Interrupted, TrainConfig, train  # JAX is imported here, not at `--help`
 
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     if args.lora_targets is not None and not targets:
@@ -90,8 +95,28 @@ def run(args: argparse.Namespace) -> int:
         bf16=args.bf16, resume=args.resume, devices=args.devices, log_every=args.log_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
     )
-    result = train(cfg)
-    last = result.losses[max(result.losses)] if result.losses else float("nan")
-    print(f"trained to step {result.steps} ({result.trainable_params:,} trainable parameters); "
-          f"last loss {last:.4f}; model folder: {result.output}")
+    try:
+        result = train(cfg)
+    except Interrupted as stop:  # Ctrl-C: one line naming the checkpoint to resume from
+        print(f"hsd-jax train: {stop}", file=sys.stderr)
+        return 130
+    print(summary(result, args.max_steps))
     return 0
+
+
+def summary(result, max_steps: int | None) -> str:
+    """The one line a run ends with."""
+    out, step, total = result.output, result.steps, result.schedule_steps
+    if result.already_done and step >= total:
+        return f"the run in {out} already finished at step {step} of {total}; nothing to do"
+    if result.already_done:
+        return (f"the run in {out} is already at step {step} of {total} and --max-steps is {max_steps}; "
+                f"nothing to do (raise --max-steps above {step} to continue)")
+    if not result.losses:  # a resume after a failed export: the model written, no step to train
+        return f"wrote the model of step {step}, where the run had stopped; model folder: {out}"
+    last = max(result.losses)
+    warm = f" (still in warm-up, which lasts {result.warmup_steps} of the {total} steps)" \
+        if last <= result.warmup_steps else ""
+    return (f"trained to step {step} ({result.trainable_params:,} trainable parameters); last loss "
+            f"{result.losses[last]:.4f} at learning rate {result.learning_rates[last]:.2e}{warm}; "
+            f"model folder: {out}")
