@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from hsd_jax.errors import HsdError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("generate", "schedule", "train", "eval", "bench")
+COMMANDS = ("demo", "generate", "schedule", "train", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # so a closed pipe shows up here, not as a message at exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (`hsd-jax schedule ... | head -1`): its choice, not a
+        # failure. As Python's docs advise, stdout goes to devnull so the flush at exit is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -45,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HsdError, FileNotFoundError) as err:
         print(f"hsd-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a command with rows to save says so itself and returns 130
+        print(f"hsd-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

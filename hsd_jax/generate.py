@@ -17,9 +17,11 @@ CALM plugs into the same loop with a step that decides its exit at run time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,12 @@ def generate(
         raise HsdError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise HsdError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if num_beams > lm.config.vocab_size:  # each beam must be able to hold a different token
+        raise HsdError(f"num_beams ({num_beams}) exceeds the model's vocabulary of {lm.config.vocab_size} tokens; "
+                       "use fewer beams")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not math.isfinite(length_penalty):
+        raise HsdError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise HsdError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if early_stopping not in (True, False, "never"):
@@ -105,6 +113,7 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
                                                          else (eos if eos is not None else 0))
     sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
+    mode = _static_or_compiled(sched, mode)
     ids, mask = _left_pad(rows, pad, pad_to_multiple_of, limit=config.max_position - max_new_tokens)
     cache_len = ids.shape[1] + max_new_tokens
     if config.model_type == "gpt2" and cache_len > config.max_position:
@@ -132,39 +141,72 @@ def generate(
                       num_steps=steps)
 
 
-def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
-                     desc: str = "generate", **options) -> Generation:
-    """`generate` over many prompts (strings or token lists) in fixed-size batches.
+def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
+                 start: int = 0, desc: str = "generate", **options) -> Iterator[tuple[int, Generation]]:
+    """`generate` over `prompts[start:]` in fixed-size batches, yielding each batch as it finishes.
 
-    Every batch has the same number of rows (the last is filled up with copies of its
-    final prompt) and a prompt width rounded up to a multiple of 32, so a long file
-    compiles a handful of programs, not one per batch. Shows a progress bar.
+    Yields (index of the batch's first prompt, its `Generation`, one entry per prompt
+    of the batch), so a caller can save rows as they come; `start` skips prompts an
+    earlier run already decoded. Every batch has the same number of rows (the last is
+    filled up with copies of its final prompt) and a prompt width rounded up to a
+    multiple of 32, so a long file compiles a handful of programs, not one per batch.
+    Shows a progress bar.
     """
     from hsd_jax.progress import progress
 
-    if batch_size < 1:
-        raise HsdError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise HsdError(f"batch_size must be a positive integer, got {batch_size!r}")
     prompts = list(prompts)
     if not prompts:
         raise HsdError("no prompts given")
     key = "prompts" if isinstance(prompts[0], str) else "input_ids"
-    parts = []
-    starts = range(0, len(prompts), batch_size)
-    for start in progress(starts, desc=desc, unit="batch", disable=None if len(starts) > 1 else True):
-        batch = prompts[start:start + batch_size]
+    starts = range(start, len(prompts), batch_size)
+    for first in progress(starts, desc=desc, unit="batch", disable=None if len(starts) > 1 else True):
+        batch = prompts[first:first + batch_size]
         filled = batch + [batch[-1]] * (batch_size - len(batch))
         out = generate(lm, **{key: filled}, pad_to_multiple_of=32, **options)
-        parts.append((out, len(batch)))
-    first = parts[0][0]
+        n = len(batch)
+        yield first, dataclasses.replace(
+            out, sequences=out.sequences[:n], layers_per_token=out.layers_per_token[:n],
+            texts=None if out.texts is None else out.texts[:n])
+
+
+def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
+                     desc: str = "generate", **options) -> Generation:
+    """`generate` over many prompts (strings or token lists) in fixed-size batches
+    (see `iter_batches`), gathered into one `Generation`."""
+    parts = [out for _, out in iter_batches(lm, prompts, batch_size=batch_size, desc=desc, **options)]
+    first = parts[0]
     return Generation(
-        sequences=[s for out, n in parts for s in out.sequences[:n]],
-        layers_per_token=[s for out, n in parts for s in out.layers_per_token[:n]],
-        texts=None if first.texts is None else [t for out, n in parts for t in out.texts[:n]],
+        sequences=[s for out in parts for s in out.sequences],
+        layers_per_token=[s for out in parts for s in out.layers_per_token],
+        texts=None if first.texts is None else [t for out in parts for t in out.texts],
         schedule=first.schedule, mode=first.mode, num_beams=first.num_beams,
-        compile_seconds=sum(out.compile_seconds for out, _ in parts),
-        decode_seconds=sum(out.decode_seconds for out, _ in parts),
-        num_steps=max(out.num_steps for out, _ in parts),
+        compile_seconds=sum(out.compile_seconds for out in parts),
+        decode_seconds=sum(out.decode_seconds for out in parts),
+        num_steps=max(out.num_steps for out in parts),
     )
+
+
+# Static mode compiles one decode loop per segment of the schedule, so its compile time
+# and memory grow with the segments: a random 128x4 mask (~104 segments) took 65 s and
+# 1.6 GB to compile against 7.9 s for the compiled program. At about 16 segments the
+# two compile times meet, and every preset has at most 15 (formula schedules one per
+# value of their layer window), so above it static falls back to compiled.
+STATIC_MAX_SEGMENTS = 16
+
+
+def _static_or_compiled(sched, mode: str) -> str:
+    """The mode to run: `mode`, except static for a schedule of too many segments."""
+    if mode != "static" or isinstance(sched, CalmConfig):
+        return mode
+    segments = len(sched.segments())
+    if segments <= STATIC_MAX_SEGMENTS:
+        return mode
+    warnings.warn(f"{sched.name}: {segments} segments are too many for static mode (at most "
+                  f"{STATIC_MAX_SEGMENTS}; it compiles a loop per segment), so it runs in compiled mode, "
+                  "with the same tokens", stacklevel=3)
+    return "compiled"
 
 
 def _length(row: np.ndarray, eos: int | None) -> int:

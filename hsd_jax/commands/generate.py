@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from hsd_jax.errors import HsdError
+
+INTERRUPTED = 130  # the shell's exit code for a Ctrl-C
 
 
 def register(subparsers) -> None:
@@ -25,11 +28,20 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     src.add_argument("--input-file", type=Path,
-                     help="one prompt per line, or .jsonl with the prompt in --field")
+                     help="one prompt per line (blank lines skipped), .jsonl with the prompt in --field, "
+                          "or .json holding a list of such objects or of strings; UTF-8")
     p.add_argument("--field", default="prompt", help="jsonl field holding the prompt (default: prompt)")
     p.add_argument("--seq2seq", action="store_true",
                    help="prompts are sources for a model fine-tuned by hsd-jax train: add its separator")
-    p.add_argument("--output", type=Path, help="write one JSON line per prompt here (atomically)")
+    p.add_argument("--output", type=Path,
+                   help="write one JSON line per prompt here; rows are saved to OUTPUT.partial as batches "
+                        "finish, and OUTPUT appears (atomically) when all are done")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep the rows an interrupted run left in OUTPUT.partial (or OUTPUT) "
+                            "and decode only the rest")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over, replacing the rows of an interrupted run in OUTPUT.partial")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); the paper uses 4")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -37,44 +49,183 @@ def register(subparsers) -> None:
     p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false")
     p.add_argument("--mode", choices=["compiled", "static", "eager"], default="compiled",
                    help="compiled: schedule as data, one program for all schedules; static: schedule baked "
-                        "in, no per-layer conditionals (fastest on GPU); eager: plain Python reference")
+                        "in, no per-layer conditionals (fastest on GPU; schedules of many segments fall "
+                        "back to compiled); eager: plain Python reference")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--no-eos", action="store_true", help="never stop at EOS: always max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     p.set_defaults(func=run)
 
 
+# --- prompt files ------------------------------------------------------------------------
+
 def read_prompts(path: Path, field: str) -> list[str]:
-    """Prompts from a text file (one per line) or a .jsonl file (one object per line)."""
-    if not path.exists():
-        raise HsdError(f"input file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
+    """Prompts from a text file (one per line), a .jsonl file (one object or string per
+    line) or a .json file (a list of objects or strings). Errors name the 1-based line
+    (blank lines count) or, in a .json file, the item."""
+    text = _read_utf8(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        prompts = _json_prompts(path, text, field)
+    else:
+        # Lines end at "\n" only: str.splitlines would also split at U+2028 and other
+        # separators inside a prompt, and shift every later output row.
+        lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
+        lines = [(n, line) for n, line in lines if line.strip()]
+        if suffix == ".jsonl":
+            prompts = [_prompt_of(_json_line(path, n, line), field, f"{path}:{n}") for n, line in lines]
+        else:
+            prompts = [line for _, line in lines]
+    if not prompts:
         raise HsdError(f"input file {path} holds no prompts")
-    if path.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HsdError(f"{path}:{n} is not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict) or field not in row:
-            keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise HsdError(f"{path}:{n} has no field {field!r} (it has: {keys}); pick one with --field")
-        prompts.append(str(row[field]))
     return prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    import hsd_jax
-    from hsd_jax.io import write_jsonl
+def _read_utf8(path: Path) -> str:
+    if not path.exists():
+        raise HsdError(f"input file {path} does not exist")
+    if path.is_dir():
+        raise HsdError(f"input file {path} is a directory; give a file with one prompt per line")
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # -sig: drops the byte-order mark some editors write
+    except UnicodeDecodeError as err:
+        raise HsdError(f"input file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                       f"{err.start}); save it as UTF-8") from err
 
+
+def _json_line(path: Path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise HsdError(f"{path}:{n} is not valid JSON ({err.msg})") from err
+
+
+def _json_prompts(path: Path, text: str, field: str) -> list[str]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HsdError(f"{path}:{err.lineno} is not valid JSON ({err.msg})") from err
+    if not isinstance(items, list):
+        raise HsdError(f"{path} holds a JSON {type(items).__name__}; a .json prompt file holds a list "
+                       f"of strings or of objects with the field {field!r}")
+    return [_prompt_of(item, field, f"{path} item {n}") for n, item in enumerate(items, 1)]
+
+
+def _prompt_of(item, field: str, where: str) -> str:
+    """The prompt in one JSON item: a string, or an object's `field` holding a string."""
+    if isinstance(item, dict):
+        if field not in item:
+            raise HsdError(f"{where} has no field {field!r} (it has: {', '.join(item)}); pick one with --field")
+        item = item[field]
+    if not isinstance(item, str):
+        kind = "null" if item is None else type(item).__name__
+        raise HsdError(f"{where}: the prompt is {kind}, not a string; every prompt must be text")
+    if not item:
+        raise HsdError(f"{where}: the prompt is empty; every prompt needs at least one token")
+    return item
+
+
+# --- output rows -------------------------------------------------------------------------
+
+def _earlier_rows(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
+    """The rows an interrupted run left for these prompts (with --resume), else none.
+
+    Without --resume, rows of an interrupted run are never dropped silently: the
+    command refuses until it is told to --resume or --overwrite them.
+    """
+    from hsd_jax.io import partial_path, read_jsonl_rows
+
+    partial = partial_path(args.output)
+    if args.overwrite:
+        return []
+    if not args.resume:
+        if _holds_rows(partial):
+            raise HsdError(f"{partial} holds the rows of an interrupted run; pass --resume to continue it "
+                           "or --overwrite to start over")
+        return []
+    source = partial if _holds_rows(partial) else args.output
+    if not source.exists():
+        return []  # nothing to resume: start from the first prompt
+    rows = read_jsonl_rows(source)
+    fix = "choose another --output, or pass --overwrite instead of --resume to start over"
+    if len(rows) > len(prompts):
+        raise HsdError(f"{source} holds {len(rows)} rows but there are only {len(prompts)} prompts, "
+                       f"so it belongs to another input; {fix}")
+    for n, (row, prompt) in enumerate(zip(rows, prompts), 1):
+        if row.get("prompt") != prompt:
+            raise HsdError(f"{source}:{n} is the row for prompt {row.get('prompt')!r}, but prompt {n} is "
+                           f"{prompt!r}, so it belongs to another input; {fix}")
+    return rows
+
+
+def _holds_rows(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _rows(prompts: list[str], g) -> list[dict]:
+    return [
+        {"prompt": p, "text": text, "tokens": seq, "layers_per_token": per_token,
+         "avg_layers": sum(per_token) / len(per_token)}
+        for p, text, seq, per_token in zip(prompts, g.texts, g.sequences, g.layers_per_token)
+    ]
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    for r in rows:
+        if as_json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(f"--- {r['prompt']!r}\n{r['text']}\n    layers per token: {r['layers_per_token']}")
+    sys.stdout.flush()  # a row printed is a row the reader has, even if a later batch fails
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, like the command's errors (no source line under them)."""
+    print(f"hsd-jax generate: warning: {message}", file=sys.stderr)
+
+
+# --- the command -------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from hsd_jax.io import JsonlAppender, check_output_file, partial_path
+
+    if (args.resume or args.overwrite) and not args.output:
+        raise HsdError("--resume and --overwrite act on the rows in --output; give --output too")
+    if args.batch_size < 1:
+        raise HsdError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts = args.prompt if args.prompt else read_prompts(args.input_file, args.field)
     if args.seq2seq:
         from hsd_jax.data import format_source
 
         prompts = [format_source(p) for p in prompts]
+    out = None
+    if args.output:  # before the model loads: a bad path must not cost a decode
+        for path in (args.output, partial_path(args.output)):
+            check_output_file(path, inputs=[args.input_file])
+        out = JsonlAppender(args.output, _earlier_rows(args, prompts))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return _decode(args, prompts, out)
+        except KeyboardInterrupt:
+            print(f"hsd-jax generate: {_interrupted(out, len(prompts))}", file=sys.stderr)
+            return INTERRUPTED
+        except HsdError as err:
+            if out is not None and out.written:
+                raise HsdError(f"{err} ({_safe_rows(out, len(prompts))})") from err
+            raise
+
+
+def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
+    import hsd_jax
+    from hsd_jax.generate import iter_batches
+
+    done = out.count if out is not None else 0
+    if done == len(prompts):
+        print(f"{args.output} already holds all {done} rows; nothing to decode", file=sys.stderr)
+        out.finish()
+        return 0
     lm = hsd_jax.load(args.model, dtype=args.dtype)
     if lm.tokenizer is None:
         raise HsdError(f"{args.model} has no tokenizer files; generate needs them to encode text prompts")
@@ -87,26 +238,47 @@ def run(args: argparse.Namespace) -> int:
         options["eos_token_id"] = None
 
     if args.prompt:  # a handful of prompts: one batch, exactly as given
-        g = hsd_jax.generate(lm, prompts=prompts, **options)
+        batches = [(done, hsd_jax.generate(lm, prompts=prompts[done:], **options))]
     else:
-        g = hsd_jax.generate_batched(lm, prompts, batch_size=args.batch_size, **options)
-    results = [
-        {"prompt": p, "text": text, "tokens": seq, "layers_per_token": per_token,
-         "avg_layers": sum(per_token) / len(per_token)}
-        for p, text, seq, per_token in zip(prompts, g.texts, g.sequences, g.layers_per_token)
-    ]
-
-    if args.output:
-        write_jsonl(args.output, results)
-    for r in results if not args.output or args.json else []:
-        if args.json:
-            print(json.dumps(r, ensure_ascii=False))
-        else:
-            print(f"--- {r['prompt']!r}\n{r['text']}\n    layers per token: {r['layers_per_token']}")
-    summary = (f"schedule {g.schedule} | {len(results)} prompts, {g.num_tokens} tokens | "
-               f"Avg. Layer {g.avg_layers:.2f} of {lm.config.num_layers} | "
-               f"{g.tokens_per_second:.1f} tokens/s (compile excluded)")
-    print(summary, file=sys.stderr if args.json else sys.stdout)
-    if args.output:
-        print(f"wrote {args.output}", file=sys.stderr if args.json else sys.stdout)
+        batches = iter_batches(lm, prompts, batch_size=args.batch_size, start=done, **options)
+    rows, parts = [], []
+    for start, g in batches:
+        new = _rows(prompts[start:], g)
+        if out is not None:
+            out.append(new)
+        if not args.output or args.json:
+            _print_rows(new, args.json)
+        rows += new
+        parts.append(g)
+    if out is not None:
+        out.finish()
+    _summary(args, lm, parts, rows, done)
     return 0
+
+
+def _summary(args: argparse.Namespace, lm, parts: list, rows: list[dict], done: int) -> None:
+    layers = sum(sum(r["layers_per_token"]) for r in rows)
+    tokens = sum(len(r["tokens"]) for r in rows)
+    seconds = sum(g.decode_seconds for g in parts)
+    resumed = f" (+{done} resumed)" if done else ""
+    summary = (f"schedule {parts[0].schedule} | {len(rows)} prompts{resumed}, {tokens} tokens | "
+               f"Avg. Layer {layers / tokens:.2f} of {lm.config.num_layers} | "
+               f"{tokens / seconds if seconds > 0 else float('nan'):.1f} tokens/s (compile excluded)")
+    stream = sys.stderr if args.json else sys.stdout
+    print(summary, file=stream)
+    if args.output:
+        print(f"wrote {args.output}", file=stream)
+
+
+def _safe_rows(out, total: int) -> str:
+    where = out.partial if out.written or _holds_rows(out.partial) else out.path
+    return f"{out.count} of {total} rows are safe in {where}; rerun the same command with --resume to continue"
+
+
+def _interrupted(out, total: int) -> str:
+    if out is None:
+        return ("interrupted; the rows printed above are all there is (with --output FILE, rows are "
+                "saved as batches finish and --resume continues)")
+    if out.count == 0:
+        return "interrupted before the first batch finished; nothing was written"
+    return f"interrupted: {_safe_rows(out, total)}"
