@@ -11,11 +11,22 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, HsdWarning
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = ("demo", "generate", "schedule", "train", "eval", "bench")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """`--help` names every option's default, unless its text already does or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # not written yet
         module.register(sub)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = _DefaultsFormatter
     return parser
 
 
@@ -54,6 +67,14 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    def one_line(message, category, *rest, **kw):  # our warnings read like our errors
+        if issubclass(category, HsdWarning):
+            print(f"hsd-jax {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            default_showwarning(message, category, *rest, **kw)
+
+    default_showwarning = warnings.showwarning
+    warnings.showwarning = one_line
     try:
         return int(args.func(args) or 0)
     except (HsdError, FileNotFoundError) as err:
@@ -62,6 +83,8 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # a command with rows to save says so itself and returns 130
         print(f"hsd-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = default_showwarning
 
 
 if __name__ == "__main__":

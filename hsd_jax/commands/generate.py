@@ -44,14 +44,17 @@ def register(subparsers) -> None:
                        help="start over, replacing the rows of an interrupted run in OUTPUT.partial")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); the paper uses 4")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt, at most")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: scores are divided by length**penalty (as in transformers)")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false",
+                   help="beam search's stopping rule, as transformers' early_stopping")
     p.add_argument("--mode", choices=["compiled", "static", "eager"], default="compiled",
                    help="compiled: schedule as data, one program for all schedules; static: schedule baked "
                         "in, no per-layer conditionals (fastest on GPU; schedules of many segments fall "
                         "back to compiled); eager: plain Python reference")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations; bfloat16 halves memory and suits GPUs")
     p.add_argument("--no-eos", action="store_true", help="never stop at EOS: always max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     p.set_defaults(func=run)
