@@ -27,7 +27,7 @@ reading the weights in the decode layout of the schedule loop
 - eager: plain Python over steps and layers, deciding each exit on the host; the
   reference the compiled loop is checked against (same tokens, same layers).
 
-Thresholds (METHOD.md): `λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1)` at decode step
+Thresholds (docs/methods.md): `λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1)` at decode step
 t, with two endpoint rules **(choice)** so that the extremes mean what a user expects:
 `λ = 0` exits as early as allowed at every step (the decay term alone would keep a
 threshold of up to 0.1), and `λ > 1`, or any step whose `λ_t` reaches the clip

@@ -282,7 +282,9 @@ def plot_quality_vs_layers(results: Sequence[EvalResult], path: str | Path, metr
         families.setdefault(family(r.method), []).append(r)
     for name, rows in families.items():
         rows = sorted(rows, key=lambda r: r.avg_layers)
-        ax.plot([r.avg_layers for r in rows], [r.scores[metric] for r in rows], marker="o", label=name)
+        line, = ax.plot([r.avg_layers for r in rows], [r.scores[metric] for r in rows], marker="o", label=name)
+        if name == "Vanilla":  # the quality every other row is measured against
+            ax.axhline(rows[0].scores[metric], color=line.get_color(), linestyle="--", linewidth=1, alpha=0.7)
     ax.set_xlabel("Avg. Layer (layers run per generated token)")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} against layers run", fontsize=10)

@@ -53,7 +53,7 @@ class Generation:
 
     @property
     def avg_layers(self) -> float:
-        """METHOD.md's Avg. Layer: mean layers per generated token, over all inputs."""
+        """Avg. Layer (docs/methods.md): mean layers per generated token, over all inputs."""
         total = sum(len(s) for s in self.layers_per_token)
         return float(sum(map(sum, self.layers_per_token)) / total) if total else float("nan")
 

@@ -35,7 +35,7 @@ PROPAGATE = 1  # skip it, but fill its KV cache from the passing hidden state (a
 SKIP = 2  # skip it; nothing later reads its KV entry at this position
 
 # Keys each method's spec accepts: key -> (type, default). REQUIRED keys have no
-# default; T defaults to max_new_tokens, METHOD.md's (choice).
+# default; T defaults to max_new_tokens (a choice the paper leaves open, docs/methods.md).
 REQUIRED, STEPS = "required", "max_new_tokens"
 _KEYS = {
     "vanilla": {},
@@ -142,10 +142,10 @@ class Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class CalmConfig:
-    """CALM early exit (METHOD.md): decided per step at run time, so it has no mask."""
+    """CALM early exit (docs/methods.md): decided per step at run time, so it has no mask."""
 
     lam: float  # the paper's lambda; the threshold decays towards 0.9 * lam
-    tau: float = 4.0  # decay rate of the threshold over the decode steps, METHOD.md's (choice)
+    tau: float = 4.0  # decay rate of the threshold over the decode steps (our default; docs/methods.md)
     min_exit: int = 1  # the first exit test comes after this many layers (1 = after layer 0)
 
     def __post_init__(self):

@@ -83,7 +83,7 @@ def test_exits_vary_between_steps_and_match_a_propagating_schedule(lm, num_beams
     assert 1 < calm.avg_layers < L
     per_step = calm.layers_per_token[0][1:]
     assert any(a < b for a, b in zip(per_step, per_step[1:])), per_step  # a deeper step after an exit
-    # The schedule compiler fills the same KV gaps by propagation (METHOD.md), independently of CALM.
+    # The schedule compiler fills the same KV gaps by propagation (docs/methods.md), independently of CALM.
     mask = replay_mask(calm, L)
     assert resolve(mask, num_layers=L, max_new_tokens=NEW).needs_kv.any()
     static = run(lm, mask, num_beams, prompts=MIXED)

@@ -1,4 +1,4 @@
-"""Schedules: METHOD.md's formulas and numbers, KV-gap detection, presets, bad specs, CLI."""
+"""Schedules: the formulas and numbers of docs/methods.md, KV-gap detection, presets, bad specs, CLI."""
 
 import math
 import tomllib
@@ -13,7 +13,7 @@ from hsd_jax.schedules import PROPAGATE, RUN, SKIP, CalmConfig, Schedule, list_p
 
 REPO = Path(__file__).resolve().parent.parent
 
-# METHOD.md's table: spec -> (avg layers on 36 layers, on 32 layers), T = 72 steps.
+# The paper's Avg. Layer column as the spec reproduces it (docs/methods.md): spec -> (avg layers on 36 layers, on 32 layers), T = 72 steps.
 AVG_LAYERS = {
     "hsd:s=1,min=0,max=20,T=72": (22.83, 20.83),
     "hsd:s=2,min=0,max=20,T=72": (18.42, 17.10),
@@ -35,7 +35,7 @@ def test_avg_layers_match_method_table(spec, column, num_layers):
 
 
 def _direct_row(method, t, L, s, h_min, h_max, T, w):
-    """METHOD.md's executed(t), one step at a time, with plain Python sets."""
+    """executed(t) of docs/methods.md, one step at a time, with plain Python sets."""
     h = round(h_max - (h_max - h_min) * min(t, T) / T)
     executed = set(range(w)) | set(range(L - h, L))
     if method == "hsd":
@@ -99,7 +99,7 @@ def test_preset_avg_layers_close_to_paper():
         for label, paper in info["paper_avg_layers"].items():
             num_layers = int(label.split("(")[1].rstrip(")"))
             sched = schedule(name, num_layers=num_layers, max_new_tokens=72)
-            # METHOD.md's "within 0.06" compares figures rounded to 2 decimals: 13.71 vs 13.77.
+            # docs/methods.md's "within 0.06" compares figures rounded to 2 decimals: 13.71 vs 13.77.
             assert abs(sched.avg_layers - paper) < 0.065, (name, label)
 
 

