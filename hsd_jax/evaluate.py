@@ -149,6 +149,7 @@ def evaluate_to_folder(
     batch_size: int = 8,
     mode: str = "compiled",
     bertscorer: BertScorer | None = None,
+    predictions_only: bool = False,
 ) -> list[EvalResult]:
     """Runs the evaluation into `output`: results.json, table.md, the plot and one predictions
     file per schedule, all rewritten (atomically) after every finished row.
@@ -157,6 +158,8 @@ def evaluate_to_folder(
     of the data; `resume=True` keeps the rows of an earlier run with the same settings and
     decodes only the missing ones. Without `resume`, a folder holding another evaluation is
     refused unless `overwrite=True`, which first removes that evaluation's files.
+    `predictions_only=True` keeps the dataset's text out of the predictions files (see
+    `prediction_rows`), for results published apart from the data.
     """
     if metric not in METRICS or (metric == "BERTScore" and bertscorer is None):
         available = [m for m in METRICS if m != "BERTScore" or bertscorer is not None]
@@ -183,16 +186,28 @@ def evaluate_to_folder(
     todo = [s for s in resolved if s.spec not in results]
     if results:
         print(f"resuming {out}: {len(results)} of {len(resolved)} rows done", flush=True)
-    for result in iter_evaluate(lm, sources, references, todo, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, mode=mode, bertscorer=bertscorer):
-        write_jsonl(_predictions_path(out, result.spec),
-                    ({"source": s, "prediction": p, "references": list(refs)}
-                     for s, p, refs in zip(sources, result.predictions, references)))
+    rows = iter_evaluate(lm, sources, references, todo, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, mode=mode, bertscorer=bertscorer) if todo else []
+    for result in rows:
+        write_jsonl(_predictions_path(out, result.spec), prediction_rows(sources, references, result.predictions,
+                                                                       with_data=not predictions_only))
         results[result.spec] = result
         save()
     if not todo:
         save()
     return [results[s.spec] for s in resolved]
+
+
+def prediction_rows(sources, references, predictions, *, with_data: bool = True) -> Iterator[dict]:
+    """The lines of a predictions file: each source, its prediction and its references; or,
+    without the data, the source's position, a hash of its text (to align it with the
+    dataset again) and the prediction."""
+    for i, (source, prediction, refs) in enumerate(zip(sources, predictions, references)):
+        if with_data:
+            yield {"source": source, "prediction": prediction, "references": list(refs)}
+        else:
+            yield {"index": i, "source_sha256": hashlib.sha256(source.encode()).hexdigest()[:16],
+                   "prediction": prediction}
 
 
 def _predictions_path(out: Path, spec: str) -> Path:

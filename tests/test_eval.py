@@ -167,3 +167,15 @@ def test_bertscore_backbone_is_checked_before_decoding(model, dev, tmp_path, cap
     assert main([*args, "--bertscore-model", str(get_model_path()), "--output", str(tmp_path / "b")]) == 0
     row = json.loads((tmp_path / "b" / "results.json").read_text())["rows"][0]
     assert 0 < row["BERTScore"] <= 100
+
+
+def test_predictions_only_keeps_the_data_out(model, dev, tmp_path):
+    import hashlib
+
+    out = tmp_path / "eval"
+    assert run_eval(model, dev, out, "--predictions-only", schedules=("vanilla",)) == 0
+    lines = [json.loads(line) for line in (out / "predictions" / "vanilla.jsonl").read_text().splitlines()]
+    assert [sorted(line) for line in lines] == [["index", "prediction", "source_sha256"]] * 3
+    assert lines[1]["source_sha256"] == hashlib.sha256(b"cat mat sit").hexdigest()[:16]
+    assert "frisbee" not in (out / "predictions" / "vanilla.jsonl").read_text()
+    assert run_eval(model, dev, out, "--predictions-only", "--resume", schedules=("vanilla",)) == 0  # readable again

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--bertscore-layers", type=int,
                    help="layer of --bertscore-model to use (default: bert-score's, or a folder's last)")
     p.add_argument("--metric", default="R-L", help="metric on the plot's y axis (default: R-L)")
+    p.add_argument("--predictions-only", action="store_true",
+                   help="predictions files hold each prediction with its source's index and a hash of its text, "
+                   "but not the dataset's sources and references (for results shared without the data)")
     p.add_argument("--output", type=Path, required=True, help="folder for results.json, table.md, plot, predictions")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_to_folder(
             lm, sources, references, args.schedules, args.output, settings=settings, title=title,
             resume=args.resume, overwrite=args.overwrite, metric=args.metric, num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode, bertscorer=scorer)
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode, bertscorer=scorer,
+            predictions_only=args.predictions_only)
     except KeyboardInterrupt:
         print(f"hsd-jax eval: interrupted; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
               f"{args.output}; run the same command with --resume to continue", file=sys.stderr)
