@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import contextlib
 import os
+import signal
 import sys
 import warnings
 
-from hsd_jax.errors import HsdError, HsdWarning
+from hsd_jax.errors import HsdError, HsdWarning, os_error_text
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = ("demo", "generate", "schedule", "train", "eval", "bench")
+
+# Exit codes the shell gives a process killed by these signals (128 + the signal number).
+INTERRUPTED, TERMINATED = 130, 128 + signal.SIGTERM
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -44,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not written yet
         module.register(sub)
     for subparser in sub.choices.values():
-        subparser.formatter_class = _DefaultsFormatter
+        if subparser.formatter_class is argparse.HelpFormatter:  # keep a command's own choice (bench's None)
+            subparser.formatter_class = _DefaultsFormatter
     return parser
 
 
@@ -75,16 +81,45 @@ def _run(argv: list[str] | None) -> int:
 
     default_showwarning = warnings.showwarning
     warnings.showwarning = one_line
+    terminated = []
     try:
-        return int(args.func(args) or 0)
-    except (HsdError, FileNotFoundError) as err:
+        with _sigterm_as_ctrl_c(terminated):
+            code = int(args.func(args) or 0)
+    except HsdError as err:
         print(f"hsd-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if isinstance(err, BrokenPipeError):
+            raise  # main's: a closed pipe is the reader's choice, not an error
+        print(f"hsd-jax {args.command}: error: {os_error_text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a command with rows to save says so itself and returns 130
         print(f"hsd-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = INTERRUPTED
     finally:
         warnings.showwarning = default_showwarning
+    # SIGTERM ran the Ctrl-C path (work saved, one line), but the exit code says which
+    # signal it was, so a scheduler that sent it sees the job as terminated.
+    return TERMINATED if terminated and code == INTERRUPTED else code
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(terminated: list):
+    """SIGTERM (kill, a scheduler's timeout, docker stop) raises KeyboardInterrupt, so every
+    command saves what it finished and ends in one line, as on Ctrl-C; `terminated` records it."""
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (hsd-jax called from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

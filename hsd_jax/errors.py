@@ -1,4 +1,6 @@
-"""The one exception type for bad user input."""
+"""The one exception type for bad user input, and how a system error reads as one line."""
+
+import errno
 
 
 class HsdError(ValueError):
@@ -12,3 +14,13 @@ class HsdError(ValueError):
 class HsdWarning(UserWarning):
     """Input that works but is probably not what the user meant (e.g. rows skipped as empty);
     the CLI prints it as one line."""
+
+
+def os_error_text(err: OSError) -> str:
+    """An OSError as one line: the path(s) and the system's reason, with the fix where it is clear."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    reason = err.strerror or str(err)
+    text = f"{paths}: {reason}" if paths else reason
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        text += "; free some space and run the command again"
+    return text
