@@ -649,8 +649,15 @@ def load_suites(path=None) -> tuple[dict, dict]:
     if not path.is_file():
         raise HsdError(f"suites file {path} does not exist")
     spec = importlib.util.spec_from_file_location("hsd_jax_bench_suites", path)
+    if spec is None:  # Python imports only .py files
+        raise HsdError(f"suites file {path} is not a Python file; give a .py file like eval/bench_suites.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise HsdError(f"suites file {path}:{err.lineno}: {err.msg}") from None
+    if not isinstance(getattr(module, "SUITES", None), dict):
+        raise HsdError(f"suites file {path} defines no SUITES dict (see eval/bench_suites.py for the form)")
     return module.SUITES, getattr(module, "SCHEDULES", {})
 
 

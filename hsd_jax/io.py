@@ -7,6 +7,7 @@ so a bad path costs a one-line error, not a decoded file thrown away.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from hsd_jax.errors import HsdError
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it over `path` only on success."""
-    path = Path(path)
+    path = _through_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -32,6 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _through_links(path: str | os.PathLike) -> Path:
+    """Where a write to `path` lands: a symlink's target (e.g. /dev/stdout's), since renaming
+    a new file over the path would replace the link itself."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
 
 
 def _new_file_mode(path: Path) -> int:
@@ -89,8 +97,12 @@ class JsonlAppender:
     """
 
     def __init__(self, path: str | os.PathLike, rows: Sequence[dict] = ()):
-        self.path = Path(path)
-        self.partial = partial_path(path)
+        self.path = _through_links(path)
+        self.partial = partial_path(self.path)
+        # The temporary copy an append was writing when its run was killed (kill -9, power loss):
+        # never renamed, so never read, and it would stay there hidden.
+        for stale in self.partial.parent.glob(f".{glob.escape(self.partial.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
         self._earlier = list(rows)
         self.written = False  # whether an append has written the partial file
         self.count = len(self._earlier)  # rows safe on disk
@@ -146,6 +158,10 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     path = Path(path)
     if path.is_dir():
         raise HsdError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'out.jsonl'}")
+    if path.exists() and not path.is_file():  # the atomic rename would replace the device node itself
+        raise HsdError(f"{flag} {path} is not a regular file (a terminal, device, pipe or socket); hsd-jax "
+                       "writes a new file and renames it over the path, so give a file name")
+    path = _through_links(path)  # atomic_path writes there
     for source in inputs:
         if source is not None and _same_file(path, Path(source)):
             raise HsdError(f"{flag} {path} is the input file {source}; writing it would destroy the input, "
@@ -180,6 +196,13 @@ def _check_writable(directory: Path, path: Path, flag: str) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise HsdError(f"{flag} {path}: the directory {directory} is not writable; choose another path "
                        "or fix its permissions")
+    # What os.access cannot see (root's access, /proc and other special file systems) shows
+    # when a file is made there; it is removed at once.
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise HsdError(f"{flag} {path}: cannot create a file in {directory} ({err.strerror or err}); "
+                       "choose another path") from None
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -54,8 +54,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hsd_jax import bench  # JAX and transformers load here, so `hsd-jax --help` stays fast
+    from hsd_jax.io import check_output_file
 
     suites, schedules = bench.load_suites(args.suites_file)
+    if args.max_seconds is not None and args.max_seconds < 0:
+        raise HsdError(f"--max-seconds must be 0 or more, got {args.max_seconds}; leave it out for no limit")
     if args.suite not in suites:
         raise HsdError(f"unknown suite {args.suite!r}; the suites file defines {', '.join(suites)}")
     suite = suites[args.suite]
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     custom = any(getattr(args, a) is not None for a in ("model", "prompt", "batch", "beams", "schedules", "runners"))
     name = args.suite + ("-custom" if custom else "") + ("-dry-run" if args.dry_run else "")
     path = args.json or Path("runs") / "bench" / f"{name}.json"
+    check_output_file(path, flag="--json")  # before the timing runs: a bad path must not cost them
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds)
     bench.print_table(result)

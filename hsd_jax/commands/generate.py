@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, os_error_text
 
 INTERRUPTED = 130  # the shell's exit code for a Ctrl-C
 
@@ -91,6 +91,8 @@ def _read_utf8(path: Path) -> str:
         raise HsdError(f"input file {path} is a directory; give a file with one prompt per line")
     try:
         return path.read_bytes().decode("utf-8-sig")  # -sig: drops the byte-order mark some editors write
+    except OSError as err:  # no permission, an I/O error
+        raise HsdError(f"cannot read input file {path} ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise HsdError(f"input file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                        f"{err.start}); save it as UTF-8") from err
@@ -196,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
         raise HsdError("--resume and --overwrite act on the rows in --output; give --output too")
     if args.batch_size < 1:
         raise HsdError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.prompt:
+        for n, prompt in enumerate(args.prompt, 1):  # counted from 1, as the user wrote them
+            if not prompt:
+                raise HsdError(f"--prompt number {n} of {len(args.prompt)} is empty; every prompt needs text")
     prompts = args.prompt if args.prompt else read_prompts(args.input_file, args.field)
     if args.seq2seq:
         from hsd_jax.data import format_source
@@ -214,9 +220,10 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(f"hsd-jax generate: {_interrupted(out, len(prompts))}", file=sys.stderr)
             return INTERRUPTED
-        except HsdError as err:
-            if out is not None and out.written:
-                raise HsdError(f"{err} ({_safe_rows(out, len(prompts))})") from err
+        except (HsdError, OSError) as err:  # e.g. a full disk after some batches: say what is safe
+            if out is not None and out.written and not isinstance(err, BrokenPipeError):
+                text = os_error_text(err) if isinstance(err, OSError) else str(err)
+                raise HsdError(f"{text} ({_safe_rows(out, len(prompts))})") from err
             raise
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from hsd_jax.errors import HsdError
-from hsd_jax.io import atomic_path
+from hsd_jax.io import atomic_path, check_output_file
 
 # Text heat map cells, indexed by hsd_jax.schedules RUN / PROPAGATE / SKIP.
 CELLS = ("█", "▒", "·")
@@ -43,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         return _print_presets(schedules.preset_infos())
     if args.spec is None:
         raise HsdError("give a SPEC (e.g. 'hsd:s=1,min=0,max=20' or a preset; --list shows them)")
-    if args.plot:
-        _image_format(args.plot)  # before any work: a bad name fails at once
+    if args.plot:  # before any work: a bad name or path fails at once
+        _image_format(args.plot)
+        check_output_file(args.plot, flag="--plot")
     steps, layers = args.steps, args.layers
     if _is_mask(args.spec) and (steps is None or layers is None):
         mask_steps, mask_layers = _mask_shape(args.spec)
