@@ -21,6 +21,7 @@ import numpy as np
 from hsd_jax.errors import HsdError
 from hsd_jax.io import atomic_path, write_json
 from hsd_jax.models import FAMILIES, ModelConfig, family, forward
+from hsd_jax.models.common import ACTIVATIONS
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -163,6 +164,25 @@ def _check_config(hf: dict, fam, config_path: Path) -> None:
                        "use the config.json these weights were saved with")
 
 
+def _check_built_config(config: ModelConfig, config_path: Path) -> None:
+    """What the family's names hide: the activation and LayerNorm epsilon JAX would use, and
+    token ids the decode loop compares with (a bad one would never stop a row, or crash)."""
+    if config.activation not in ACTIVATIONS:
+        raise HsdError(f"the activation {config.activation!r} in {config_path} is not one hsd-jax implements "
+                       f"({', '.join(ACTIVATIONS)}); use the config.json these weights were saved with")
+    eps = config.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise HsdError(f"the LayerNorm epsilon in {config_path} is {eps!r}, not a small positive number "
+                       "(GPT-2 and Phi use 1e-05)")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < config.vocab_size:
+            raise HsdError(f"{name} in {config_path} is {value!r}, not one token id below vocab_size "
+                           f"{config.vocab_size}; set it to the tokenizer's id (or null)")
+
+
 def _canonical_names(tensors: dict[str, np.ndarray], fam) -> dict[str, np.ndarray]:
     """Accepts both "transformer.wte.weight" and "wte.weight" (GPT-2's hub checkpoints)."""
     if not fam.OPTIONAL_PREFIX:
@@ -281,6 +301,7 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
     unsupported = fam.check_supported(hf)
     if unsupported:
         raise HsdError(f"{config_path} uses options hsd-jax does not implement: {', '.join(unsupported)}")
+    _check_built_config(config, config_path)
     tok = _load_tokenizer(folder) if tokenizer else None  # before the weights: a bad file fails fast
     tensors = _read_tensors(folder)
     _check_layer_count(tensors, config, fam, config_path)

@@ -167,16 +167,13 @@ def random_gpt2(spec: str, tokenizer, seed: int):
     projections 0.02 / sqrt(2 L)); `spec` is a GPT2_PRESETS name or a config.json path."""
     import jax
 
-    from hsd_jax.checkpoint import LanguageModel
+    from hsd_jax.checkpoint import LanguageModel, _check_built_config, _check_config, _read_json
     from hsd_jax.models import gpt2
 
     if spec in GPT2_PRESETS:
         overrides = GPT2_PRESETS[spec]
     elif Path(spec).is_file():
-        try:
-            overrides = json.loads(Path(spec).read_text())
-        except json.JSONDecodeError as err:
-            raise HsdError(f"{spec} is not a JSON config ({err})") from err
+        overrides = _read_json(Path(spec))  # a JSON object, or one line saying what the file is
         if overrides.get("model_type", "gpt2") != "gpt2":
             raise HsdError(f"random weights are drawn for GPT-2 only, and {spec} has model_type "
                            f"{overrides.get('model_type')!r}")
@@ -185,6 +182,9 @@ def random_gpt2(spec: str, tokenizer, seed: int):
     hf = {**_GPT2_DEFAULTS, **overrides}
     eos = data_lib.eos_id(tokenizer)
     hf["bos_token_id"] = hf["eos_token_id"] = eos
+    # The checks a loaded folder's config.json gets, so a bad size is one line, not a crash in JAX.
+    where = Path(spec) if spec not in GPT2_PRESETS else Path(f"random:{spec}")
+    _check_config(hf, gpt2, where)
     if len(tokenizer) > hf["vocab_size"]:
         raise HsdError(f"the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
                        f"{hf['vocab_size']}; set vocab_size to at least {len(tokenizer)}")
@@ -192,6 +192,7 @@ def random_gpt2(spec: str, tokenizer, seed: int):
     if problems:
         raise HsdError(f"config options hsd-jax does not implement: {', '.join(problems)}")
     config = gpt2.config_from_hf(hf)
+    _check_built_config(config, where)
     return LanguageModel(config=config, params=init_gpt2_params(config, jax.random.key(seed)),
                          tokenizer=tokenizer, hf_config=hf, source=f"random:{spec}")
 

@@ -82,6 +82,8 @@ def check_supported(hf: dict) -> list[str]:
         problems.append("scale_attn_weights=False")
     if hf.get("add_cross_attention"):
         problems.append("add_cross_attention=True")
+    if hf.get("tie_word_embeddings") is False:  # transformers would use a separate lm_head; `head` reads wte
+        problems.append("tie_word_embeddings=False")
     return problems
 
 
