@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import warnings
+from io import StringIO
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -341,15 +342,14 @@ def read_pairs(path: str | os.PathLike, source_field: str | None = None, target_
     path = Path(path)
     source_field = source_field or DEFAULT_SOURCE_FIELD
     target_field = target_field or DEFAULT_TARGET_FIELD
-    if not path.is_file():
-        raise HsdError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if not text.strip():
         raise HsdError(f"data file {path} is empty")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only: splitlines would also split at U+2028 inside a JSON string.
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -366,7 +366,8 @@ def read_pairs(path: str | os.PathLike, source_field: str | None = None, target_
         if not isinstance(rows, list):
             raise HsdError(f"{path} should hold a list of objects (or {{\"data\": [...]}})")
     elif suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        # newline="" as the csv docs ask: a quoted field keeps its line breaks (and U+2028).
+        rows = list(csv.DictReader(StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
     else:
         raise HsdError(f"cannot read {path}: use a .jsonl, .json, .csv or .tsv file")
     if not rows:
@@ -374,6 +375,21 @@ def read_pairs(path: str | os.PathLike, source_field: str | None = None, target_
     if not all(isinstance(r, dict) for r in rows):
         raise HsdError(f"{path} should hold one JSON object per row")
     return _pairs_from_rows(rows, source_field, target_field, str(path))
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text; a missing, unreadable or non-UTF-8 file is one HsdError."""
+    if not path.exists():
+        raise HsdError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise HsdError(f"data file {path} is not a regular file; give a .jsonl, .json, .csv or .tsv file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # -sig: drops the byte-order mark Excel writes
+    except OSError as err:
+        raise HsdError(f"cannot read data file {path} ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise HsdError(f"data file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                       f"{err.start}); save it as UTF-8") from None
 
 
 def write_jsonl(pairs: Sequence[Pair], path: str | os.PathLike) -> Path:
