@@ -1,0 +1,319 @@
+"""Issue 10 checked again, as a new user would: every command pushed with signals, bad
+output paths, bad input files and broken model configs. Each test failed on the code
+before its fix: SIGTERM ended runs without saving or saying so, a system error was a
+traceback, an output path in /proc or a device passed the checks (`--output /dev/full`
+replaced the device node), `random:config.json` skipped the config checks, ...
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import hsd_jax
+from hsd_jax import cli, data, io
+from hsd_jax.errors import HsdError
+from tests.conftest import make_gpt2
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["one", "two words", "three little words", "four"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """2 layers with the real GPT-2 tokenizer: the smallest model the CLI can decode text with."""
+    folder = tmp_path_factory.mktemp("tiny2")
+    make_gpt2(folder, layers=2, vocab=50257, tokenizer=True)
+    return folder
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    return src
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(hsd_jax, "load", load)
+
+
+def run_cli(argv) -> int:
+    try:
+        return cli.main([str(a) for a in argv])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped hsd-jax")
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def spawn(*argv, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "hsd_jax.cli", *map(str, argv)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended ({proc.returncode}) first: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out")
+        time.sleep(0.1)
+
+
+# --- SIGTERM is Ctrl-C, with its own exit code ------------------------------------------
+
+def test_sigterm_in_any_command_is_one_line_and_exit_143(monkeypatch, capsys):
+    import hsd_jax.commands.schedule
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises long before this ends
+        return 0
+
+    monkeypatch.setattr(hsd_jax.commands.schedule, "run", terminated)
+    assert run_cli(["schedule", "vanilla"]) == cli.TERMINATED == 143
+    assert capsys.readouterr().err == "hsd-jax schedule: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back after the command
+
+
+def test_sigterm_during_generate_keeps_the_rows_and_resume_finishes(model, tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(400)))
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", model, "--input-file", prompts, "--output", out, "--batch-size", "1",
+            "--max-new-tokens", "8", "--no-eos"]
+    proc = spawn(*argv, cwd=tmp_path)
+    wait_for(lambda: io.partial_path(out).exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "rows are safe in" in err and "--resume" in err, err
+    saved = io.read_jsonl_rows(io.partial_path(out))
+    assert saved and [r["prompt"] for r in saved] == [f"prompt {i}" for i in range(len(saved))]
+    assert not out.exists()
+
+
+def test_sigterm_during_training_names_the_checkpoint_to_resume_from(model, tmp_path):
+    pairs = data.write_jsonl([(f"cat dog {i}", f"the cat sees dog {i}.") for i in range(400)], tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    proc = spawn("train", "--model", model, "--train-file", pairs, "--output", out, "--batch-size", "4",
+                 "--epochs", "1", "--save-every", "2", "--no-progress", cwd=tmp_path)
+    wait_for(lambda: (out / "checkpoints" / "2").is_dir(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "last intact checkpoint is step" in err and "--resume" in err, err
+
+
+# --- system errors are one line ---------------------------------------------------------
+
+def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
+    import hsd_jax.commands.schedule
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/out.png")
+
+    monkeypatch.setattr(hsd_jax.commands.schedule, "run", denied)
+    assert run_cli(["schedule", "vanilla"]) == 2
+    assert one_line(capsys) == "hsd-jax schedule: error: /data/out.png: Permission denied\n"
+
+
+def test_a_full_disk_during_generate_names_the_safe_rows(model, prompt_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    append = io.JsonlAppender.append
+
+    def full_after_the_first_batch(self, rows):
+        if self.written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.partial))
+        append(self, rows)
+
+    monkeypatch.setattr(io.JsonlAppender, "append", full_after_the_first_batch)
+    assert run_cli(["generate", "--model", model, "--input-file", prompt_file, "--output", out,
+                    "--batch-size", "2", "--max-new-tokens", "2"]) == 2
+    err = one_line(capsys)
+    assert "No space left on device" in err and "free some space" in err
+    assert "2 of 4 rows are safe in" in err and "--resume" in err
+    assert len(io.read_jsonl_rows(io.partial_path(out))) == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_an_unreadable_prompt_file_is_one_line(tmp_path, capsys, no_model_load):
+    assert run_cli(["generate", "--model", tmp_path, "--input-file", "/proc/self/mem"]) == 2
+    assert "cannot read input file /proc/self/mem" in one_line(capsys)
+
+
+# --- output paths -------------------------------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/version").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("path", ["/proc/version", "/proc/hsd-out.jsonl"])
+def test_an_output_where_no_file_can_be_made_fails_before_the_model_loads(path, prompt_file, capsys,
+                                                                          no_model_load):
+    # root passes os.access everywhere, and /proc claims to be writable: only a real file tells
+    assert run_cli(["generate", "--model", "m", "--input-file", prompt_file, "--output", path]) == 2
+    assert "cannot create a file in /proc" in one_line(capsys)
+
+
+def test_an_output_that_is_a_pipe_or_device_is_refused_and_left_alone(tmp_path, prompt_file, capsys,
+                                                                      no_model_load):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)  # like /dev/full or a terminal: the atomic rename would replace the node itself
+    assert run_cli(["generate", "--model", "m", "--input-file", prompt_file, "--output", fifo]) == 2
+    assert "is not a regular file" in one_line(capsys)
+    assert fifo.is_fifo()
+
+
+def test_an_output_through_a_symlink_writes_the_target_and_keeps_the_link(model, tmp_path):
+    link, target = tmp_path / "link.jsonl", tmp_path / "target.jsonl"
+    link.symlink_to(target.name)
+    assert run_cli(["generate", "--model", model, "--prompt", "hi", "--max-new-tokens", "2",
+                    "--output", link]) == 0
+    assert link.is_symlink() and len(io.read_jsonl_rows(target)) == 1
+    io.write_text(link, "x\n")
+    assert link.is_symlink() and target.read_text() == "x\n"
+
+
+def test_stale_temporary_files_of_a_killed_append_are_removed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    stale = tmp_path / ".out.jsonl.partial.abc123.tmp"  # what kill -9 mid-append leaves
+    stale.write_text('{"prompt": "half')
+    io.JsonlAppender(out).append([{"prompt": "a"}])
+    assert not stale.exists() and io.read_jsonl_rows(io.partial_path(out)) == [{"prompt": "a"}]
+
+
+@pytest.mark.skipif(not Path("/proc/version").exists(), reason="needs Linux /proc")
+def test_schedule_checks_the_plot_path_before_printing(capsys):
+    assert run_cli(["schedule", "hsd:s=1,min=0,max=3", "--layers", "4", "--steps", "4",
+                    "--plot", "/proc/hsd.png"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--plot /proc/hsd.png" in err
+
+
+def test_bench_checks_the_json_path_before_timing(tmp_path, monkeypatch, capsys):
+    from hsd_jax import bench
+
+    monkeypatch.setattr(bench, "run_suite", lambda *a, **k: pytest.fail("the suite ran"))
+    (tmp_path / "file").write_text("")
+    assert run_cli(["bench", "--dry-run", "--json", tmp_path / "file" / "x.json"]) == 2
+    assert "--json" in one_line(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suites-file", "README.md"], "is not a Python file"),
+    (["--max-seconds", "-1"], "--max-seconds must be 0 or more"),
+])
+def test_bench_option_errors(argv, message, monkeypatch, capsys):
+    from hsd_jax import bench
+
+    monkeypatch.setattr(bench, "run_suite", lambda *a, **k: pytest.fail("the suite ran"))
+    monkeypatch.chdir(REPO)
+    assert run_cli(["bench", "--dry-run", *argv]) == 2
+    assert message in one_line(capsys)
+
+
+def test_an_empty_prompt_is_counted_from_one(capsys, no_model_load):
+    assert run_cli(["generate", "--model", "m", "--prompt", "a", "--prompt", ""]) == 2
+    assert "--prompt number 2 of 2 is empty" in one_line(capsys)
+
+
+# --- configs: random:config.json gets a loaded folder's checks ------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    return hsd_jax.load(model).tokenizer
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"n_layer": 2.5}, "n_layer in .* is 2.5, not a positive whole number"),
+    ({"n_layer": 0}, "n_layer in .* is 0"),
+    ({"n_layer": True}, "n_layer in .* is True"),
+    ({"n_layer": "2"}, "n_layer in .* is '2'"),
+    ({"n_embd": 32, "n_head": 3}, "n_head = 3 does not divide n_embd = 32"),
+    ({"n_inner": 0}, "n_inner in .* is 0"),
+    ({"vocab_size": "big"}, "vocab_size in .* is 'big'"),
+    ({"activation_function": "swish2"}, "activation 'swish2'"),
+    ({"layer_norm_epsilon": "x"}, "LayerNorm epsilon"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings=False"),
+])
+def test_a_random_config_is_checked_like_a_folders(config, message, tokenizer, tmp_path):
+    from hsd_jax.train import random_gpt2
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, **config}))
+    with pytest.raises(HsdError, match=message):
+        random_gpt2(str(path), tokenizer, 0)
+
+
+def test_a_random_config_that_is_not_an_object_is_one_line(model, tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    (tmp_path / "p.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    assert run_cli(["train", "--model", f"random:{tmp_path / 'config.json'}", "--tokenizer", model,
+                    "--train-file", tmp_path / "p.jsonl", "--output", tmp_path / "run"]) == 2
+    assert "holds a JSON list, not an object" in one_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"activation_function": "swish2"}, "activation 'swish2' in .*config.json"),
+    ({"layer_norm_epsilon": "x"}, "LayerNorm epsilon in .*config.json is 'x'"),  # was blamed on the tokenizer
+    ({"eos_token_id": 999999}, "eos_token_id in .*config.json is 999999"),  # rows never stopped
+    ({"eos_token_id": [1, 2]}, "eos_token_id in .*config.json is \\[1, 2\\]"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings=False"),  # a separate lm_head was ignored
+])
+def test_a_folder_config_with_values_jax_cannot_use(config, message, model, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    hf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf, **config}))
+    with pytest.raises(HsdError, match=message):
+        hsd_jax.load(folder)
+
+
+# --- data files -------------------------------------------------------------------------
+
+def test_a_csv_from_excel_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_bytes("\ufeffsource,target\na b,c d\n".encode())
+    assert data.read_pairs(path) == [("a b", "c d")]
+
+
+def test_line_breaks_inside_csv_fields_and_json_strings_are_kept(tmp_path):
+    csv_file, jsonl_file = tmp_path / "pairs.csv", tmp_path / "pairs.jsonl"
+    csv_file.write_text('source,target\n"two\nlines",x\n"a\u2028b",y\n', newline="")
+    assert data.read_pairs(csv_file) == [("two\nlines", "x"), ("a\u2028b", "y")]
+    data.write_jsonl([("a\u2028b", "y")], jsonl_file)  # hsd-jax's own file must read back
+    assert data.read_pairs(jsonl_file) == [("a\u2028b", "y")]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"source": "\xff", "target": "x"}\n', "is not UTF-8 text"),
+    (None, "is not a regular file"),
+])
+def test_unreadable_data_files_are_one_line(content, message, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(HsdError, match=message):
+        data.read_pairs(path)
