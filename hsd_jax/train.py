@@ -419,8 +419,22 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise HsdError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    # 0 must not mean "all" (--limit 0, --max-length 0) nor -1 "all but the last" (pairs[:-1]).
+    for name in ("max_steps", "limit", "eval_limit", "max_length", "lora_rank", "devices"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("eval_every", "warmup_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise HsdError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+    # A negative learning rate climbs the loss, a negative clip norm flips the gradient: both
+    # would train without an error, so they are refused with nan and inf.
+    for name, least in (("learning_rate", "above 0"), ("max_grad_norm", "above 0"), ("lora_alpha", "above 0"),
+                        ("weight_decay", "0 or more")):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and least == "above 0"):
+            raise HsdError(f"--{name.replace('_', '-')} must be a number {least}, got {value}")
     if cfg.keep_checkpoints < 1:  # with none kept, a later --resume would start over and overwrite the model
         raise HsdError(f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}: a run without "
                        "a checkpoint cannot be resumed")

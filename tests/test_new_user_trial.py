@@ -236,6 +236,30 @@ def test_an_empty_prompt_is_counted_from_one(capsys, no_model_load):
     assert "--prompt number 2 of 2 is empty" in one_line(capsys)
 
 
+# --- numeric flags ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--limit", "0", "--limit must be at least 1, got 0"),  # was: every pair
+    ("--limit", "-1", "--limit must be at least 1, got -1"),  # was: all but the last pair
+    ("--eval-limit", "0", "--eval-limit must be at least 1"),
+    ("--max-length", "0", "--max-length must be at least 1"),  # was: the model's context
+    ("--lora-rank", "0", "--lora-rank must be at least 1"),  # was: ZeroDivisionError
+    ("--devices", "0", "--devices must be at least 1"),
+    ("--eval-every", "-1", "--eval-every must be 0 or more"),  # was: ignored
+    ("--warmup-steps", "-1", "--warmup-steps must be 0 or more"),
+    ("--learning-rate", "-1", "--learning-rate must be a number above 0"),  # was: trained uphill
+    ("--learning-rate", "nan", "--learning-rate must be a number above 0"),
+    ("--max-grad-norm", "0", "--max-grad-norm must be a number above 0"),  # was: every update zeroed
+    ("--lora-alpha", "inf", "--lora-alpha must be a number above 0"),
+    ("--weight-decay", "-0.1", "--weight-decay must be a number 0 or more"),
+])
+def test_train_refuses_numbers_that_would_train_wrongly(flag, value, message, tmp_path, capsys):
+    assert run_cli(["train", "--model", "m", "--train-file", "p.jsonl", "--output", tmp_path / "run",
+                    flag, value]) == 2
+    assert message in one_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 # --- configs: random:config.json gets a loaded folder's checks ------------------------------
 
 @pytest.fixture(scope="module")
