@@ -83,6 +83,21 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def settings_path(path: str | os.PathLike) -> Path:
+    """Where `JsonlAppender` keeps the settings the rows of an unfinished `path` were made with."""
+    path = Path(path)
+    return path.with_name(path.name + ".settings.json")
+
+
+def read_settings(path: str | os.PathLike) -> dict | None:
+    """The settings of an unfinished `path`; None when none were saved (or they are unreadable)."""
+    try:
+        settings = json.loads(settings_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 class JsonlAppender:
     """JSON lines added batch by batch to `<path>.partial`, renamed to `path` by `finish()`.
 
@@ -93,12 +108,15 @@ class JsonlAppender:
     the decoding of a batch.
 
     `rows` are those an earlier run left (in the partial file or in `path`); the first
-    append writes them afresh, replacing any partial file there was.
+    append writes them afresh, replacing any partial file there was. `settings` (what
+    made the rows) go to `<path>.settings.json` before the first rows, so a resume can
+    refuse to mix rows made two ways; `finish()` removes the file.
     """
 
-    def __init__(self, path: str | os.PathLike, rows: Sequence[dict] = ()):
+    def __init__(self, path: str | os.PathLike, rows: Sequence[dict] = (), settings: dict | None = None):
         self.path = _through_links(path)
         self.partial = partial_path(self.path)
+        self.settings = settings
         # The temporary copy an append was writing when its run was killed (kill -9, power loss):
         # never renamed, so never read, and it would stay there hidden.
         for stale in self.partial.parent.glob(f".{glob.escape(self.partial.name)}.*.tmp"):
@@ -109,6 +127,8 @@ class JsonlAppender:
 
     def append(self, rows: Iterable[dict]) -> None:
         new = list(rows)
+        if not self.written and self.settings is not None:
+            write_json(settings_path(self.path), self.settings)
         with atomic_path(self.partial) as tmp:
             if self.written:
                 shutil.copyfile(self.partial, tmp)
@@ -125,6 +145,7 @@ class JsonlAppender:
         if not self.written:
             self.append([])
         os.replace(self.partial, self.path)
+        settings_path(self.path).unlink(missing_ok=True)
         return self.path
 
 

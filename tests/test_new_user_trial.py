@@ -126,6 +126,29 @@ def test_sigterm_during_training_names_the_checkpoint_to_resume_from(model, tmp_
     assert "Traceback" not in err and "last intact checkpoint is step" in err and "--resume" in err, err
 
 
+def test_resume_refuses_rows_made_with_other_options(model, prompt_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", model, "--input-file", prompt_file, "--output", out, "--batch-size", "2"]
+    append = io.JsonlAppender.append
+
+    def interrupted_after_the_first_batch(self, rows):
+        if self.written:
+            raise KeyboardInterrupt
+        append(self, rows)
+
+    monkeypatch.setattr(io.JsonlAppender, "append", interrupted_after_the_first_batch)
+    assert run_cli([*argv, "--max-new-tokens", "3"]) == 130
+    monkeypatch.setattr(io.JsonlAppender, "append", append)
+    capsys.readouterr()
+    # was: decoded the rest with 2 tokens and the schedule, under rows of 3 tokens and vanilla
+    assert run_cli([*argv, "--max-new-tokens", "2", "--schedule", "hsd:s=1,min=0,max=1", "--resume"]) == 2
+    err = one_line(capsys)
+    assert "max_new_tokens: 3 then, 2 now" in err and "schedule: 'vanilla' then" in err
+    assert len(io.read_jsonl_rows(io.partial_path(out))) == 2
+    assert run_cli([*argv, "--max-new-tokens", "3", "--batch-size", "1", "--resume"]) == 0  # batch size may change
+    assert len(io.read_jsonl_rows(out)) == 4 and not io.settings_path(out).exists()
+
+
 # --- system errors are one line ---------------------------------------------------------
 
 def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):

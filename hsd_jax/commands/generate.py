@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                    help="prompts are sources for a model fine-tuned by hsd-jax train: add its separator")
     p.add_argument("--output", type=Path,
                    help="write one JSON line per prompt here; rows are saved to OUTPUT.partial as batches "
-                        "finish, and OUTPUT appears (atomically) when all are done")
+                        "finish (the options that made them to OUTPUT.settings.json, so --resume can check "
+                        "them), and OUTPUT appears (atomically) when all are done")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="keep the rows an interrupted run left in OUTPUT.partial (or OUTPUT) "
@@ -138,7 +139,7 @@ def _earlier_rows(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
     Without --resume, rows of an interrupted run are never dropped silently: the
     command refuses until it is told to --resume or --overwrite them.
     """
-    from hsd_jax.io import partial_path, read_jsonl_rows
+    from hsd_jax.io import partial_path, read_jsonl_rows, read_settings
 
     partial = partial_path(args.output)
     if args.overwrite:
@@ -153,6 +154,12 @@ def _earlier_rows(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
         return []  # nothing to resume: start from the first prompt
     rows = read_jsonl_rows(source)
     fix = "choose another --output, or pass --overwrite instead of --resume to start over"
+    before = read_settings(args.output) if source == partial else None  # a finished file keeps none
+    changed = [k for k in before or {} if before[k] != _settings(args).get(k)]
+    if changed:  # rows made two ways would read as one run's
+        diffs = "; ".join(f"{k}: {before[k]!r} then, {_settings(args).get(k)!r} now" for k in changed)
+        raise HsdError(f"--resume must repeat the options of the interrupted run in {partial} ({diffs}); "
+                       "pass the same options, or --overwrite to start over")
     if len(rows) > len(prompts):
         raise HsdError(f"{source} holds {len(rows)} rows but there are only {len(prompts)} prompts, "
                        f"so it belongs to another input; {fix}")
@@ -161,6 +168,15 @@ def _earlier_rows(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
             raise HsdError(f"{source}:{n} is the row for prompt {row.get('prompt')!r}, but prompt {n} is "
                            f"{prompt!r}, so it belongs to another input; {fix}")
     return rows
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The options that shape the rows (not --batch-size or --mode: they give the same tokens)."""
+    model = Path(args.model)
+    return {"model": str(model.resolve()) if model.exists() else args.model, "schedule": args.schedule,
+            "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+            "length_penalty": args.length_penalty, "early_stopping": args.early_stopping,
+            "no_eos": args.no_eos, "dtype": args.dtype}
 
 
 def _holds_rows(path: Path) -> bool:
@@ -192,7 +208,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 # --- the command -------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from hsd_jax.io import JsonlAppender, check_output_file, partial_path
+    from hsd_jax.io import JsonlAppender, check_output_file, partial_path, settings_path
 
     if (args.resume or args.overwrite) and not args.output:
         raise HsdError("--resume and --overwrite act on the rows in --output; give --output too")
@@ -209,9 +225,9 @@ def run(args: argparse.Namespace) -> int:
         prompts = [format_source(p) for p in prompts]
     out = None
     if args.output:  # before the model loads: a bad path must not cost a decode
-        for path in (args.output, partial_path(args.output)):
+        for path in (args.output, partial_path(args.output), settings_path(args.output)):
             check_output_file(path, inputs=[args.input_file])
-        out = JsonlAppender(args.output, _earlier_rows(args, prompts))
+        out = JsonlAppender(args.output, _earlier_rows(args, prompts), settings=_settings(args))
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
