@@ -149,6 +149,18 @@ def test_resume_refuses_rows_made_with_other_options(model, prompt_file, tmp_pat
     assert len(io.read_jsonl_rows(out)) == 4 and not io.settings_path(out).exists()
 
 
+def test_an_interrupted_demo_says_how_to_run_it_again(tmp_path, monkeypatch, capsys):
+    import hsd_jax.demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hsd_jax.demo, "run_demo", interrupted)
+    assert run_cli(["demo", "--smoke", "--output", tmp_path / "d"]) == 130
+    # was: "hsd-jax demo: interrupted", and a rerun was refused ("holds an earlier demo")
+    assert f"hsd-jax demo --smoke --output {tmp_path / 'd'} --overwrite" in one_line(capsys)
+
+
 # --- system errors are one line ---------------------------------------------------------
 
 def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
 
@@ -30,8 +31,15 @@ def run(args: argparse.Namespace) -> int:
     from hsd_jax.demo import run_demo
     from hsd_jax.demo_data import format_record
 
-    result = run_demo(args.output, smoke=args.smoke, seed=args.seed, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+    try:
+        result = run_demo(args.output, smoke=args.smoke, seed=args.seed, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    except KeyboardInterrupt:  # the demo cannot be resumed: say how to start it again
+        again = " ".join(["hsd-jax demo", *(["--smoke"] if args.smoke else []), "--output",
+                          shlex.quote(str(args.output)), "--overwrite"])
+        print(f"hsd-jax demo: interrupted; the demo in {args.output} is unfinished, and `{again}` runs it again",
+              file=sys.stderr)
+        return 130
     ev = result.output / "eval"
     print()
     print(result.table)
