@@ -266,6 +266,12 @@ def test_bench_option_errors(argv, message, monkeypatch, capsys):
     assert message in one_line(capsys)
 
 
+def test_schedule_refuses_a_mask_too_large_to_build(capsys):
+    # was: 10**10 cells allocated (memory exhausted, or minutes of swapping)
+    assert run_cli(["schedule", "vanilla", "--layers", "100000", "--steps", "100000"]) == 2
+    assert "is 10,000,000,000 cells" in one_line(capsys)
+
+
 def test_an_empty_prompt_is_counted_from_one(capsys, no_model_load):
     assert run_cli(["generate", "--model", "m", "--prompt", "a", "--prompt", ""]) == 2
     assert "--prompt number 2 of 2 is empty" in one_line(capsys)

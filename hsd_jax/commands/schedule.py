@@ -13,6 +13,7 @@ from hsd_jax.io import atomic_path, check_output_file
 # Text heat map cells, indexed by hsd_jax.schedules RUN / PROPAGATE / SKIP.
 CELLS = ("█", "▒", "·")
 MAX_ROWS = 40  # print at most this many steps, so the map fits a terminal
+MAX_CELLS = 10**8  # steps x layers; ~15 s and 0.7 GB here, where a typo's 10**10 would exhaust memory
 
 
 def register(subparsers) -> None:
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         layers = mask_layers if layers is None else layers
     if layers is None or steps is None:
         raise HsdError("give the model's number of layers and the decode steps, e.g. --layers 36 --steps 72")
+    if layers * steps > MAX_CELLS:
+        raise HsdError(f"--layers {layers} x --steps {steps} is {layers * steps:,} cells, more than the "
+                       f"{MAX_CELLS:,} a schedule is shown for; give the model's depth and a decode length")
 
     resolved = schedules.resolve(args.spec, num_layers=layers, max_new_tokens=steps)
     if isinstance(resolved, schedules.CalmConfig):
