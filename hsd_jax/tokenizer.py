@@ -34,7 +34,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 
     if vocab_size < MIN_VOCAB:
         raise HsdError(f"a byte-level BPE needs at least {MIN_VOCAB} tokens (256 bytes and the EOS), "
-                       f"got --vocab-size {vocab_size}")
+                       f"got {vocab_size}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

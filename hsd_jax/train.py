@@ -47,7 +47,7 @@ import numpy as np
 
 from hsd_jax import data as data_lib
 from hsd_jax.errors import HsdError
-from hsd_jax.io import write_json, write_text
+from hsd_jax.io import check_output_dir, write_json, write_text
 from hsd_jax.progress import progress
 
 RUN_FILE = "run.json"
@@ -234,6 +234,9 @@ def _learned_tokenizer(spec: str, train_pairs):
         vocab_size = int(spec[len(BPE_PREFIX):])
     except ValueError:
         raise HsdError(f"--tokenizer {spec}: write bpe:N with N the vocabulary size, e.g. bpe:4096") from None
+    if vocab_size < tokenizer_lib.MIN_VOCAB:  # named here as the user wrote it (train_bpe has no flag)
+        raise HsdError(f"--tokenizer {spec}: a byte-level BPE needs at least {tokenizer_lib.MIN_VOCAB} tokens "
+                       "(256 bytes and the EOS), e.g. bpe:4096")
     return tokenizer_lib.train_bpe(tokenizer_lib.pair_texts(train_pairs), vocab_size)
 
 
@@ -440,6 +443,7 @@ def _check_config(cfg: TrainConfig) -> None:
                        "a checkpoint cannot be resumed")
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise HsdError(f"--output {cfg.output} is a file; give a folder")
+    check_output_dir(cfg.output)  # under a file, in /proc, not writable: before any work
 
 
 @contextlib.contextmanager

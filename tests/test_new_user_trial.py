@@ -315,6 +315,26 @@ def test_a_bertscore_folder_that_does_not_exist_is_one_line(tmp_path):
         BertScorer(str(tmp_path / "no" / "such" / "folder"))
 
 
+@pytest.mark.parametrize("output, message", [
+    ("/proc/hsd-run", "cannot create a file in /proc"),  # was: "/proc/hsd-run: No such file or directory"
+    ("{file}/run", "which is a file, not a directory"),
+])
+def test_train_checks_its_output_folder_first(output, message, tmp_path, capsys):
+    if output.startswith("/proc") and not Path("/proc/version").exists():
+        pytest.skip("needs Linux /proc")
+    (tmp_path / "file").write_text("")
+    output = output.format(file=tmp_path / "file")
+    assert run_cli(["train", "--model", "m", "--train-file", "p.jsonl", "--output", output]) == 2
+    assert message in one_line(capsys)
+
+
+def test_a_bpe_too_small_names_the_flag_as_written(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    assert run_cli(["train", "--model", "random:gpt2", "--tokenizer", "bpe:10", "--train-file", tmp_path / "p.jsonl",
+                    "--output", tmp_path / "run"]) == 2
+    assert "--tokenizer bpe:10: a byte-level BPE needs at least 257 tokens" in one_line(capsys)  # was: --vocab-size
+
+
 # --- configs: random:config.json gets a loaded folder's checks ------------------------------
 
 @pytest.fixture(scope="module")
