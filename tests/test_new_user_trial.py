@@ -161,6 +161,16 @@ def test_an_interrupted_demo_says_how_to_run_it_again(tmp_path, monkeypatch, cap
     assert f"hsd-jax demo --smoke --output {tmp_path / 'd'} --overwrite" in one_line(capsys)
 
 
+def test_a_finished_output_is_not_replaced_without_overwrite(model, prompt_file, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"prompt": "hours of decoding"}) + "\n")
+    argv = ["generate", "--model", model, "--input-file", prompt_file, "--output", out, "--max-new-tokens", "2"]
+    assert run_cli(argv) == 2  # was: replaced without a word, as eval, train and demo never do
+    assert "--overwrite" in one_line(capsys) and io.read_jsonl_rows(out) == [{"prompt": "hours of decoding"}]
+    assert run_cli([*argv, "--overwrite"]) == 0
+    assert [r["prompt"] for r in io.read_jsonl_rows(out)] == PROMPTS
+
+
 # --- system errors are one line ---------------------------------------------------------
 
 def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):

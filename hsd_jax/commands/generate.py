@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                        help="keep the rows an interrupted run left in OUTPUT.partial (or OUTPUT) "
                             "and decode only the rest")
     again.add_argument("--overwrite", action="store_true",
-                       help="start over, replacing the rows of an interrupted run in OUTPUT.partial")
+                       help="start over, replacing the rows of an earlier run in OUTPUT (or OUTPUT.partial)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); the paper uses 4")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt, at most")
@@ -148,6 +148,9 @@ def _earlier_rows(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
         if _holds_rows(partial):
             raise HsdError(f"{partial} holds the rows of an interrupted run; pass --resume to continue it "
                            "or --overwrite to start over")
+        if _holds_rows(args.output):  # a finished run's rows are not replaced by a rerun's silently either
+            raise HsdError(f"{args.output} holds the rows of an earlier run; pass --overwrite to replace them, "
+                           "or choose another --output")
         return []
     source = partial if _holds_rows(partial) else args.output
     if not source.exists():
