@@ -208,6 +208,25 @@ def test_an_unreadable_prompt_file_is_one_line(tmp_path, capsys, no_model_load):
     assert "cannot read input file /proc/self/mem" in one_line(capsys)
 
 
+def test_a_full_disk_during_eval_names_the_saved_rows_and_resume(model, tmp_path, monkeypatch, capsys):
+    import hsd_jax.evaluate
+
+    dev = data.write_jsonl([("cat dog", "a cat and a dog"), ("sun sky", "the sun in the sky")], tmp_path / "dev.jsonl")
+    write_jsonl, calls = hsd_jax.evaluate.write_jsonl, []
+
+    def full_at_the_second_row(path, rows):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write_jsonl(path, rows)
+
+    monkeypatch.setattr(hsd_jax.evaluate, "write_jsonl", full_at_the_second_row)
+    assert run_cli(["eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", "hsd:s=1,min=0,max=1",
+                    "--num-beams", "1", "--max-new-tokens", "2", "--no-bertscore", "--output", tmp_path / "ev"]) == 2
+    err = one_line(capsys)  # was: "...: No space left on device" alone, with no word of what was kept
+    assert "No space left on device" in err and "1 finished rows are saved" in err and "--resume" in err
+
+
 # --- output paths -------------------------------------------------------------------------
 
 @pytest.mark.skipif(not Path("/proc/version").exists(), reason="needs Linux /proc")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, os_error_text
 
 
 def register(subparsers) -> None:
@@ -91,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"hsd-jax eval: interrupted; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
               f"{args.output}; run the same command with --resume to continue", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk mid-run: the finished rows are safe, and --resume keeps them
+        if isinstance(err, BrokenPipeError):
+            raise
+        raise HsdError(f"{os_error_text(err)}; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
+                       f"{args.output}, and the same command with --resume continues") from err
     print(markdown_table(results, title))
     out = args.output
     print(f"wrote {out / RESULTS}, {out / TABLE}, {out / PLOT} and {out / 'predictions'}/")
