@@ -60,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # so a closed pipe shows up here, not as a message at exit
         return code
     except BrokenPipeError:
-        # The reader stopped reading (`hsd-jax schedule ... | head -1`): its choice, not a
-        # failure. As Python's docs advise, stdout goes to devnull so the flush at exit is quiet.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # The reader stopped reading (`hsd-jax schedule ... | head -1`): its choice, not a failure.
+        stdout_to_devnull()
         return 0
+
+
+def stdout_to_devnull() -> None:
+    """After a closed pipe: as Python's docs advise, stdout goes to devnull, so later prints
+    and the flush at exit are quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _run(argv: list[str] | None) -> int:

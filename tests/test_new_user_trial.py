@@ -171,6 +171,18 @@ def test_a_finished_output_is_not_replaced_without_overwrite(model, prompt_file,
     assert [r["prompt"] for r in io.read_jsonl_rows(out)] == PROMPTS
 
 
+def test_a_closed_pipe_does_not_leave_the_output_file_unfinished(model, prompt_file, tmp_path):
+    """`hsd-jax generate ... --output o.jsonl --json | head -1`: the reader leaves, the file is still written
+    (it ended at the first print with exit 0, o.jsonl never written and nothing said)."""
+    out = tmp_path / "out.jsonl"
+    proc = spawn("generate", "--model", model, "--input-file", prompt_file, "--output", out, "--json",
+                 "--batch-size", "1", "--max-new-tokens", "2", cwd=tmp_path)
+    proc.stdout.close()  # no reader: every write to stdout fails with EPIPE
+    err = proc.stderr.read()
+    assert proc.wait(timeout=240) == 0 and "Traceback" not in err, err
+    assert [r["prompt"] for r in io.read_jsonl_rows(out)] == PROMPTS
+
+
 # --- system errors are one line ---------------------------------------------------------
 
 def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):

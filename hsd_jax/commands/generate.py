@@ -194,13 +194,24 @@ def _rows(prompts: list[str], g) -> list[dict]:
     ]
 
 
-def _print_rows(rows: list[dict], as_json: bool) -> None:
-    for r in rows:
-        if as_json:
-            print(json.dumps(r, ensure_ascii=False))
-        else:
-            print(f"--- {r['prompt']!r}\n{r['text']}\n    layers per token: {r['layers_per_token']}")
-    sys.stdout.flush()  # a row printed is a row the reader has, even if a later batch fails
+def _print_rows(rows: list[dict], as_json: bool, keep_going: bool = False) -> bool:
+    """Prints the rows; False once the reader has gone (`| head`) and `keep_going` says the
+    rows still have a file to go to, so decoding carries on instead of ending unfinished."""
+    try:
+        for r in rows:
+            if as_json:
+                print(json.dumps(r, ensure_ascii=False))
+            else:
+                print(f"--- {r['prompt']!r}\n{r['text']}\n    layers per token: {r['layers_per_token']}")
+        sys.stdout.flush()  # a row printed is a row the reader has, even if a later batch fails
+    except BrokenPipeError:
+        if not keep_going:
+            raise
+        from hsd_jax.cli import stdout_to_devnull
+
+        stdout_to_devnull()
+        return False
+    return True
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -271,12 +282,13 @@ def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
     else:
         batches = iter_batches(lm, prompts, batch_size=args.batch_size, start=done, **options)
     rows, parts = [], []
+    printing = not args.output or args.json
     for start, g in batches:
         new = _rows(prompts[start:], g)
         if out is not None:
             out.append(new)
-        if not args.output or args.json:
-            _print_rows(new, args.json)
+        if printing:
+            printing = _print_rows(new, args.json, keep_going=out is not None)
         rows += new
         parts.append(g)
     if out is not None:
