@@ -3,6 +3,11 @@
 Each subcommand lives in its own module under `hsd_jax/commands/` and exposes
 `register(subparsers)`; the module imports JAX lazily inside its handler so
 that `hsd-jax --help` stays instant.
+
+SIGTERM (kill, a scheduler's time limit, docker stop) takes Ctrl-C's path: the command
+saves what it finished and says so in one line. The exit code tells them apart, as a
+shell would (130 for SIGINT, 143 = 128 + 15 for SIGTERM), so a scheduler still sees a
+terminated job.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsd-jax",
         description="Layer-skipping text generation (HSD, SkipDecode, CALM) for GPT-2 and Phi-2 in JAX.",
+        epilog="Exit status: 0 done; 2 bad input or a system error (one line on stderr); 130 Ctrl-C and "
+        "143 SIGTERM, after saving what was finished (generate, train and eval then continue with --resume).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
