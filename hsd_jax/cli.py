@@ -87,12 +87,13 @@ def _run(argv: list[str] | None) -> int:
         return 0
     def one_line(message, category, *rest, **kw):  # our warnings read like our errors
         if issubclass(category, HsdWarning):
-            print(f"hsd-jax {args.command}: warning: {message}", file=sys.stderr)
-        else:
-            default_showwarning(message, category, *rest, **kw)
+            return f"hsd-jax {args.command}: warning: {message}\n"
+        return default_formatwarning(message, category, *rest, **kw)
 
-    default_showwarning = warnings.showwarning
-    warnings.showwarning = one_line
+    # The format, not the display: a caller recording warnings (pytest.warns, catch_warnings)
+    # still gets them, where a replaced showwarning printed them past the record.
+    default_formatwarning = warnings.formatwarning
+    warnings.formatwarning = one_line
     terminated = []
     try:
         with _sigterm_as_ctrl_c(terminated):
@@ -109,7 +110,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"hsd-jax {args.command}: interrupted", file=sys.stderr)
         code = INTERRUPTED
     finally:
-        warnings.showwarning = default_showwarning
+        warnings.formatwarning = default_formatwarning
     # SIGTERM ran the Ctrl-C path (work saved, one line), but the exit code says which
     # signal it was, so a scheduler that sent it sees the job as terminated.
     return TERMINATED if terminated and code == INTERRUPTED else code
