@@ -34,6 +34,7 @@ from hsd_jax.schedules import CalmConfig, Schedule, resolve
 from hsd_jax.search import make_search
 
 MODES = ("compiled", "static", "eager")
+DEFAULT_MAX_NEW_TOKENS = 64
 _DEFAULT = object()  # "the model's own EOS"; None means "never stop early"
 
 
@@ -74,7 +75,7 @@ def generate(
     attention_mask: np.ndarray | None = None,
     schedule: str | Schedule | CalmConfig | np.ndarray = "vanilla",
     num_beams: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     mode: str = "compiled",
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
@@ -148,7 +149,8 @@ def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[i
     Yields (index of the batch's first prompt, its `Generation`, one entry per prompt
     of the batch), so a caller can save rows as they come; `start` skips prompts an
     earlier run already decoded. Every batch has the same number of rows (the last is
-    filled up with copies of its final prompt) and a prompt width rounded up to a
+    filled up with copies of its final prompt; with fewer prompts than `batch_size`, the
+    batch is just those prompts) and a prompt width rounded up to a
     multiple of 32, so a long file compiles a handful of programs, not one per batch.
     Shows a progress bar.
     """
@@ -159,7 +161,15 @@ def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[i
     prompts = list(prompts)
     if not prompts:
         raise HsdError("no prompts given")
+    # Every prompt is encoded and checked before the first batch: a prompt too long for the
+    # model, found at batch 900 of 1000, would cost the decoding of the 899 before it first.
     key = "prompts" if isinstance(prompts[0], str) else "input_ids"
+    if start < len(prompts):
+        rest = {"input_ids": None, "prompts": None, key: prompts[start:]}
+        _check_fit(lm, _prompt_rows(lm, **rest), start, options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    # Fewer prompts than a batch: the batch shrinks to them, rather than decoding copies of
+    # the last prompt (3 prompts with --batch-size 2000 decoded 2000 rows).
+    batch_size = max(1, min(batch_size, len(prompts) - start))
     starts = range(start, len(prompts), batch_size)
     for first in progress(starts, desc=desc, unit="batch", disable=None if len(starts) > 1 else True):
         batch = prompts[first:first + batch_size]
@@ -169,6 +179,19 @@ def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[i
         yield first, dataclasses.replace(
             out, sequences=out.sequences[:n], layers_per_token=out.layers_per_token[:n],
             texts=None if out.texts is None else out.texts[:n])
+
+
+def _check_fit(lm: LanguageModel, rows: list[list[int]], start: int, max_new_tokens) -> None:
+    """The first of `rows` (the prompts from number `start` on) that GPT-2's learned positions
+    cannot hold with `max_new_tokens` after it, as an HsdError counting prompts from 1."""
+    limit = lm.config.max_position
+    if lm.config.model_type != "gpt2" or not isinstance(max_new_tokens, int):
+        return  # Phi's rotary positions have no table to run past; generate checks the type
+    for i, row in enumerate(rows, start + 1):
+        if len(row) + max_new_tokens > limit:
+            raise HsdError(f"prompt {i} of {start + len(rows)} is {len(row)} tokens, and with max_new_tokens "
+                           f"{max_new_tokens} that exceeds the model's {limit} positions; shorten it or lower "
+                           "max_new_tokens (nothing was decoded)")
 
 
 def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,

@@ -183,6 +183,30 @@ def test_a_closed_pipe_does_not_leave_the_output_file_unfinished(model, prompt_f
     assert [r["prompt"] for r in io.read_jsonl_rows(out)] == PROMPTS
 
 
+def test_a_prompt_too_long_is_found_before_any_batch_decodes(model, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    gen = importlib.import_module("hsd_jax.generate")
+    prompts = tmp_path / "in.txt"
+    prompts.write_text("short\n" * 6 + "word " * 200 + "\n")  # 128 positions: the last cannot fit
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("a batch was decoded"))
+    assert run_cli(["generate", "--model", model, "--input-file", prompts, "--output", tmp_path / "out.jsonl",
+                    "--batch-size", "2", "--max-new-tokens", "8"]) == 2
+    # was: found after decoding the 6 before it
+    assert "prompt 7 of 7 is 201 tokens" in one_line(capsys)
+
+
+def test_a_batch_larger_than_the_file_decodes_only_the_file(model, prompt_file, tmp_path, monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("hsd_jax.generate")
+    real, sizes = gen.generate, []
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: sizes.append(len(k["prompts"])) or real(*a, **k))
+    assert run_cli(["generate", "--model", model, "--input-file", prompt_file, "--output", tmp_path / "o.jsonl",
+                    "--batch-size", "50", "--max-new-tokens", "2"]) == 0
+    assert sizes == [len(PROMPTS)]  # was: [50], 46 copies of the last prompt decoded for nothing
+
+
 # --- system errors are one line ---------------------------------------------------------
 
 def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
