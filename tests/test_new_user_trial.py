@@ -337,6 +337,21 @@ def test_schedule_refuses_a_mask_too_large_to_build(capsys):
     assert "is 10,000,000,000 cells" in one_line(capsys)
 
 
+def test_an_interrupted_bench_names_the_file_with_the_finished_cases(tmp_path, monkeypatch, capsys):
+    from hsd_jax import bench
+
+    out = tmp_path / "b.json"
+
+    def one_case_then_interrupted(cases, repeats, json_path, **kwargs):
+        io.write_json(json_path, {"cases": ["first"]})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_suite", one_case_then_interrupted)
+    monkeypatch.chdir(REPO)
+    assert run_cli(["bench", "--dry-run", "--json", out]) == 130
+    assert f"the finished cases are in {out}" in one_line(capsys)  # was: "interrupted" alone
+
+
 def test_an_empty_prompt_is_counted_from_one(capsys, no_model_load):
     assert run_cli(["generate", "--model", "m", "--prompt", "a", "--prompt", ""]) == 2
     assert "--prompt number 2 of 2 is empty" in one_line(capsys)

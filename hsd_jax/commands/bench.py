@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from hsd_jax.errors import HsdError
@@ -78,7 +79,20 @@ def run(args: argparse.Namespace) -> int:
     path = args.json or Path("runs") / "bench" / f"{name}.json"
     check_output_file(path, flag="--json")  # before the timing runs: a bad path must not cost them
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds)
+    before = _modified(path)  # an earlier run's file is not this run's results
+    try:
+        result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds)
+    except KeyboardInterrupt:  # run_suite writes the JSON after every case: say where the finished ones are
+        kept = f"the finished cases are in {path}" if _modified(path) != before else "no case had finished"
+        print(f"hsd-jax bench: interrupted; {kept}", file=sys.stderr)
+        return 130
     bench.print_table(result)
     print(f"wrote {path}")
     return 0
+
+
+def _modified(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
