@@ -427,6 +427,8 @@ def _check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= cfg.seed < 2**63:  # numpy's and JAX's generators take non-negative 64-bit seeds
+        raise HsdError(f"--seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}")
     for name in ("eval_every", "warmup_steps"):
         value = getattr(cfg, name)
         if value is not None and value < 0:

@@ -149,6 +149,12 @@ def test_resume_refuses_rows_made_with_other_options(model, prompt_file, tmp_pat
     assert len(io.read_jsonl_rows(out)) == 4 and not io.settings_path(out).exists()
 
 
+def test_a_negative_demo_seed_is_one_line_and_makes_no_folder(tmp_path, capsys):
+    assert run_cli(["demo", "--smoke", "--seed", "-1", "--output", tmp_path / "d"]) == 2
+    assert "--seed must be a whole number from 0" in one_line(capsys)  # was: a traceback, and a demo folder
+    assert not (tmp_path / "d").exists()
+
+
 def test_an_interrupted_demo_says_how_to_run_it_again(tmp_path, monkeypatch, capsys):
     import hsd_jax.demo
 
@@ -373,6 +379,7 @@ def test_an_empty_prompt_is_counted_from_one(capsys, no_model_load):
     ("--max-grad-norm", "0", "--max-grad-norm must be a number above 0"),  # was: every update zeroed
     ("--lora-alpha", "inf", "--lora-alpha must be a number above 0"),
     ("--weight-decay", "-0.1", "--weight-decay must be a number 0 or more"),
+    ("--seed", "-1", "--seed must be a whole number from 0"),  # was: numpy's ValueError traceback
 ])
 def test_train_refuses_numbers_that_would_train_wrongly(flag, value, message, tmp_path, capsys):
     assert run_cli(["train", "--model", "m", "--train-file", "p.jsonl", "--output", tmp_path / "run",

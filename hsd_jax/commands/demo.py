@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from hsd_jax.errors import HsdError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from hsd_jax.demo import run_demo
     from hsd_jax.demo_data import format_record
 
+    if not 0 <= args.seed < 2**63:  # before the folder is made: numpy takes non-negative 64-bit seeds
+        raise HsdError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     try:
         result = run_demo(args.output, smoke=args.smoke, seed=args.seed, overwrite=args.overwrite,
                           progress=not args.no_progress)
