@@ -72,8 +72,9 @@ def _resolve_folder(model: str | os.PathLike) -> Path:
             folder = Path(snapshot_download(str(model), allow_patterns=common + ["pytorch_model*.bin"]))
         return folder
     except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        first_line = (str(err).splitlines() or [""])[0]  # hub errors add paragraphs of advice: one line here
         raise HsdError(f"could not fetch {str(model)!r} from the Hugging Face hub ({type(err).__name__}: "
-                       f"{err}); check the id, your network, or pass a local folder") from err
+                       f"{first_line}); check the id, your network, or pass a local folder") from err
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:

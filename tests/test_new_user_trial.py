@@ -475,6 +475,18 @@ def test_a_folder_config_with_values_jax_cannot_use(config, message, model, tmp_
         hsd_jax.load(folder)
 
 
+def test_a_hub_error_is_one_line(monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate "
+                      "the files on the Hub.\nPlease check your internet connection and try again.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert run_cli(["generate", "--model", "gpt2", "--prompt", "hi"]) == 2
+    assert "could not fetch 'gpt2'" in one_line(capsys)  # was: the hub's three lines of advice
+
+
 # --- data files -------------------------------------------------------------------------
 
 def test_a_csv_from_excel_with_a_byte_order_mark(tmp_path):
