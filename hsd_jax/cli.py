@@ -13,8 +13,8 @@ terminated job.
 from __future__ import annotations
 
 import argparse
-import importlib
 import contextlib
+import importlib
 import os
 import signal
 import sys
