@@ -83,19 +83,29 @@ def wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
 
 # --- SIGTERM is Ctrl-C, with its own exit code ------------------------------------------
 
-def test_sigterm_in_any_command_is_one_line_and_exit_143(monkeypatch, capsys):
-    import hsd_jax.commands.schedule
+SIGTERM_IN_A_COMMAND = """
+import os, signal, sys, time
+import hsd_jax.commands.schedule
+from hsd_jax import cli
 
-    def terminated(args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises long before this ends
-        return 0
+def terminated(args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # the handler raises long before this ends
+    return 0
 
-    monkeypatch.setattr(hsd_jax.commands.schedule, "run", terminated)
-    before = signal.getsignal(signal.SIGTERM)
-    assert run_cli(["schedule", "vanilla"]) == cli.TERMINATED == 143
-    assert capsys.readouterr().err == "hsd-jax schedule: interrupted\n"
-    assert signal.getsignal(signal.SIGTERM) is before  # given back after the command
+hsd_jax.commands.schedule.run = terminated
+code = cli.main(["schedule", "vanilla"])
+print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)  # given back after the command
+sys.exit(code)
+"""
+
+
+def test_sigterm_in_any_command_is_one_line_and_exit_143(tmp_path):
+    # In a process of its own: before the fix, SIGTERM killed whatever process ran the command.
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_COMMAND], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == cli.TERMINATED == 143, proc.stderr
+    assert proc.stderr == "hsd-jax schedule: interrupted\n" and proc.stdout == "True\n"
 
 
 def test_sigterm_during_generate_keeps_the_rows_and_resume_finishes(model, tmp_path):
