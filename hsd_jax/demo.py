@@ -23,6 +23,7 @@ from hsd_jax.errors import HsdError
 from hsd_jax.io import check_output_dir, write_json
 
 MARKER = "demo.json"  # what the demo writes first: a folder holding it may be replaced by --overwrite
+PARTS = (MARKER, "data", "model", "eval")  # everything a demo writes in its folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,11 @@ def _prepare(out: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise HsdError(f"--output {out} holds an earlier demo; pass --overwrite to run it again there, "
                            "or choose another --output")
-        shutil.rmtree(out)
+        for part in PARTS:  # only what a demo writes: other files in the folder stay
+            path = out / part
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -235,11 +235,13 @@ def _previous_rows(out: Path, record: dict, resume: bool, overwrite: bool) -> di
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise HsdError(f"{results_file} is not a readable evaluation ({err}); pass --overwrite to start over") \
             from None
-    for key in ("settings", "data_fingerprint"):
-        if previous.get(key) != record[key]:
-            raise HsdError(f"--resume must repeat the evaluation in {out}: its {key.replace('_', ' ')} differ "
-                           f"({previous.get(key)} then, {record[key]} now); pass the same options, or "
-                           "--overwrite to start over")
+    then = {**(previous.get("settings") or {}), "data": previous.get("data_fingerprint")}
+    now = {**record["settings"], "data": record["data_fingerprint"]}
+    changed = [key for key in now if then.get(key) != now[key]]
+    if changed:
+        diffs = "; ".join(f"{key}: {then.get(key)!r} then, {now[key]!r} now" for key in changed)
+        raise HsdError(f"--resume must repeat the evaluation in {out} ({diffs}); pass the same options "
+                       "and data, or --overwrite to start over")
     done = {}
     for row in rows:
         path = _predictions_path(out, row["spec"])

@@ -32,3 +32,15 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     # a second run into the same folder needs --overwrite
     assert main(["demo", "--smoke", "--no-progress", "--output", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_overwrite_removes_only_what_a_demo_wrote(tmp_path):
+    from hsd_jax.demo import MARKER, _prepare
+
+    out = tmp_path / "demo"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    (out / MARKER).write_text("{}")
+    (out / "my_notes.txt").write_text("mine")
+    _prepare(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]
