@@ -858,7 +858,7 @@ def _replicate(tree: Any, sharding):
 
 
 def _progress(enabled: bool, start: int, stop: int):
-    """tqdm with loss, tokens/s and ETA; off on other processes, when not a terminal, in CI."""
+    """tqdm with loss, learning rate, tokens/s and ETA on process 0 (a plain line every 10 s in a log)."""
     return progress(total=stop, initial=start, unit="step", smoothing=0.1) if enabled else None
 
 
