@@ -54,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     record = format_record({"name": "The Crimson Lantern", "type": "pub", "food": "Italian", "area": "riverside",
                             "family": "yes"})
     print("  hsd-jax generate --model " + shlex.quote(str(result.model)) + " --seq2seq --num-beams 4 "
-          "--schedule hsd:s=1,min=0,max=6 --prompt " + shlex.quote(record))
+          "--schedule hsd:s=1,min=0,max=6,warmup=1 --prompt " + shlex.quote(record))
     return 0
