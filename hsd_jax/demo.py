@@ -82,7 +82,8 @@ def run_demo(output: str | Path, *, smoke: bool = False, seed: int = 0, overwrit
 
     splits = demo_data.make_splits(seed=seed, num_train=size.num_train, num_dev=size.num_dev,
                                    refs_per_dev=size.refs_per_dev)
-    train_file, dev_file = demo_data.write_splits(splits, out / "data")
+    # dev is scored from `splits`; its file is there for the user to read
+    train_file, _ = demo_data.write_splits(splits, out / "data")
     config = out / "data" / "model_config.json"
     write_json(config, {"model_type": "gpt2", "n_layer": size.layers, "n_embd": size.width, "n_head": size.heads,
                         "n_positions": 128, "vocab_size": size.vocab})

@@ -13,8 +13,6 @@ as BOS/EOS/pad-free EOS like GPT-2's), saved with the model so that
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from hsd_jax import data as data_lib
@@ -49,14 +47,3 @@ def pair_texts(pairs: Sequence[data_lib.Pair]) -> list[str]:
     """The texts a model trained on `pairs` reads: each prompt followed by its target."""
     return [data_lib.format_source(s) + data_lib.format_target(t) for s, t in pairs]
 
-
-def train_tokenizer_on_pairs(pairs: Sequence[data_lib.Pair], vocab_size: int,
-                             output: str | os.PathLike) -> Path:
-    """Learns a BPE on the pairs' prompt-and-target texts and saves it in `output`."""
-    if not pairs:
-        raise HsdError("no training pairs to learn a tokenizer from")
-    tokenizer = train_bpe(pair_texts(pairs), vocab_size)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out))
-    return out
