@@ -22,9 +22,11 @@ The learning-rate schedule spans `epochs` over the whole data set; `max_steps` o
 stops early, so a run cut into pieces with `max_steps` and `resume` follows the same
 schedule as one run.
 
-The loss takes an optional per-position layer mask `batch["active"]` (L, B, T), passed
-to `forward(active=...)`, so a schedule-aware fine-tune can train on what skip
-decoding computes without another forward.
+Schedule-aware training (`skip_aware`): a batch may train under a skip schedule. The
+loss then takes a per-position layer mask `batch["active"]` (L, B, T), passed to
+`forward(active=...)`, under which the teacher-forced forward computes exactly what
+decoding the target under that schedule computes (`skip_aware_active`; a test checks
+it against the compiled decoder).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ ORBAX_TMP = ".orbax-checkpoint-tmp"
 # Settings a resumed run must share with the run it continues (the rest may change).
 _RUN_KEYS = ("model", "tokenizer", "dataset", "split", "train_file", "source_field", "target_field", "limit",
              "mode", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
-             "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed", "bf16")
+             "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed", "bf16", "skip_aware",
+             "skip_aware_prob")
 
 # GPT-2 sizes for `random:<name>` (the OpenAI checkpoints' shapes).
 GPT2_PRESETS = {
@@ -107,6 +110,11 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = None  # None: every attention and MLP projection
     seed: int = 0
     bf16: bool = False  # bfloat16 compute (weights, activations); float32 master weights and loss
+    # Schedule-aware training: specs (or groups such as "paper") of static schedules; each
+    # batch trains under one of them, drawn at random, with probability skip_aware_prob,
+    # and the full model otherwise (`skip_aware_active`).
+    skip_aware: tuple[str, ...] | None = None
+    skip_aware_prob: float = 0.5
     resume: bool = False
     devices: int | None = None  # use the first N local devices (single process); None = all
     log_every: int = 1
@@ -402,6 +410,64 @@ def _compiled(config, optimizer: tuple, mode: str, lora_scale: float, bf16: bool
     return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh))
 
 
+# ---------------------------------------------------------------- schedule-aware training
+
+_SKIP_AWARE_STREAM = 0x5C1B  # keeps the schedule draws apart from the data order's random stream
+
+
+def skip_aware_schedules(specs, num_layers: int, max_len: int) -> list:
+    """The static schedules a schedule-aware run trains under, resolved for `max_len`
+    decode steps (so every target position has a row; a spec's own T fixes its shape).
+
+    A group such as "paper" contributes its SkipDecode and HSD rows (its vanilla row is
+    the full-model case, its CALM rows decide at run time and have no mask to train on).
+    """
+    from hsd_jax import schedules
+
+    rows = []
+    for spec in specs:
+        grouped = spec in schedules.PAPER_GROUPS
+        for row in schedules.expand_groups([spec], num_layers):
+            sched = schedules.resolve(row, num_layers=num_layers, max_new_tokens=max_len)
+            if isinstance(sched, schedules.CalmConfig) or (grouped and row == "vanilla"):
+                if grouped:
+                    continue
+                raise HsdError(f"--skip-aware {row}: CALM decides its exits at run time, so there is no "
+                               "schedule to train under; give SkipDecode / HSD specs, presets or masks")
+            if all(s.spec != sched.spec for s in rows):
+                rows.append(sched)
+    return rows
+
+
+def draw_schedule(schedules: list, prob: float, seed: int, step: int):
+    """The schedule batch `step` trains under, or None (the full model): a pure function of
+    (seed, step), so a resumed run draws what an uninterrupted one drew."""
+    rng = np.random.default_rng([seed, _SKIP_AWARE_STREAM, step])
+    if rng.random() >= prob:
+        return None
+    return schedules[int(rng.integers(len(schedules)))]
+
+
+def skip_aware_active(mask: np.ndarray | None, loss_mask: np.ndarray, num_layers: int) -> np.ndarray:
+    """(L, B, W) bool: the layers each position of a right-padded batch runs when its
+    target is decoded under `mask` (T, L); None runs every layer.
+
+    The prompt is the prefill, which runs every layer (its last position predicts the
+    first target token). Target token t is the input of decode step t, which runs
+    `mask[t]` (positions past the schedule's end repeat its last row). `forward` then
+    lets the hidden state pass skipped layers and still computes their K/V from it:
+    state propagation, as in decoding (docs/methods.md).
+    """
+    b, w = loss_mask.shape
+    if mask is None:
+        return np.ones((num_layers, b, w), bool)
+    prompt_lens = np.argmax(loss_mask, axis=1)  # first target position of each row
+    t = np.arange(w)[None, :] - prompt_lens[:, None]  # (B, W): decode step of each position
+    active = mask[np.clip(t, 0, mask.shape[0] - 1)]  # (B, W, L)
+    active[t < 0] = True
+    return np.ascontiguousarray(active.transpose(2, 0, 1))
+
+
 # ---------------------------------------------------------------- run folder
 
 
@@ -413,6 +479,10 @@ def _run_settings(cfg: TrainConfig) -> dict:
             settings[key] = str(Path(value).resolve())
     if settings["lora_targets"] is not None:
         settings["lora_targets"] = list(settings["lora_targets"])
+    if settings["skip_aware"] is None:
+        settings["skip_aware_prob"] = None  # meaningless without schedules (and absent from older runs)
+    else:
+        settings["skip_aware"] = list(settings["skip_aware"])
     return settings
 
 
@@ -443,6 +513,12 @@ def _check_config(cfg: TrainConfig) -> None:
     if cfg.keep_checkpoints < 1:  # with none kept, a later --resume would start over and overwrite the model
         raise HsdError(f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}: a run without "
                        "a checkpoint cannot be resumed")
+    if cfg.skip_aware is not None:
+        if not cfg.skip_aware:
+            raise HsdError("--skip-aware needs at least one schedule spec, e.g. --skip-aware paper hsd:s=1,min=0,max=2")
+        if not (math.isfinite(cfg.skip_aware_prob) and 0 < cfg.skip_aware_prob <= 1):
+            raise HsdError(f"--skip-aware-prob must be above 0 and at most 1 (the share of batches trained under "
+                           f"a schedule), got {cfg.skip_aware_prob}")
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise HsdError(f"--output {cfg.output} is a file; give a folder")
     check_output_dir(cfg.output)  # under a file, in /proc, not writable: before any work
@@ -689,6 +765,7 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
     eval_pairs = _eval_pairs(cfg)
     eval_data = data_lib.encode_pairs(lm.tokenizer, eval_pairs, max_len, what="the validation data") \
         if eval_pairs else None
+    skip_schedules = skip_aware_schedules(cfg.skip_aware, config.num_layers, max_len) if cfg.skip_aware else None
     fingerprint, base_weights = train_data.fingerprint(), weights_fingerprint(lm.params)
     if previous is not None:
         _check_inputs_unchanged(previous, out, fingerprint, base_weights)
@@ -783,7 +860,7 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
 
     def flush(entry, eval_loss: float | None = None) -> None:
         nonlocal t_last, tokens_since
-        step, metrics, tokens = entry
+        step, metrics, tokens, trained_under = entry
         loss = float(metrics["loss"])
         losses[step] = loss
         now = time.perf_counter()
@@ -793,6 +870,8 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
                            "(or drop --bf16) and resume from the last checkpoint with --resume")
         record = {"step": step, "epoch": round(step / spe, 4), "loss": loss, "lr": float(schedule(step - 1)),
                   "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["target_tokens"])}
+        if trained_under is not None:
+            record["schedule"] = trained_under
         learning_rates[step] = record["lr"]
         if eval_loss is not None:
             eval_losses[step] = record["eval_loss"] = eval_loss
@@ -818,11 +897,17 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
                     epoch, index = epoch + 1, 0
                     plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
                 batch = data_lib.make_batch(train_data, plan[index], cfg.batch_size)
+                trained_under = None
+                if skip_schedules is not None:
+                    sched = draw_schedule(skip_schedules, cfg.skip_aware_prob, cfg.seed, step)
+                    batch["active"] = skip_aware_active(None if sched is None else sched.mask, batch["loss_mask"],
+                                                        config.num_layers)
+                    trained_under = "vanilla" if sched is None else sched.spec
                 state, metrics = train_step(state, frozen, to_device(batch))
                 step, index = step + 1, index + 1
                 if pending is not None:
                     flush(pending)
-                pending = (step, metrics, int(batch["attention_mask"].sum()))
+                pending = (step, metrics, int(batch["attention_mask"].sum()), trained_under)
                 due_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
                                                       or step == stop)
                 if due_eval or step % cfg.save_every == 0 or step == stop:

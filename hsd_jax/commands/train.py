@@ -65,6 +65,13 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="data order and initialisation seed (default: 0)")
     parser.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
+    parser.add_argument("--skip-aware", nargs="+", metavar="SPEC",
+                        help="schedule-aware training: train some batches under these skip schedules (specs, "
+                        "presets, masks, or the group paper), so the model stays good when decoding skips layers; "
+                        "each batch draws one at random or trains the full model")
+    parser.add_argument("--skip-aware-prob", type=float, default=0.5, metavar="P",
+                        help="share of batches trained under a --skip-aware schedule, the rest train every "
+                        "layer (default: 0.5)")
     parser.add_argument("--devices", type=int, metavar="N", help="use only the first N local devices")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--log-every", type=int, default=1, metavar="N", help="steps between log lines (default: 1)")
@@ -92,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, max_length=args.max_length,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets, seed=args.seed,
-        bf16=args.bf16, resume=args.resume, devices=args.devices, log_every=args.log_every,
+        bf16=args.bf16, skip_aware=tuple(args.skip_aware) if args.skip_aware else None,
+        skip_aware_prob=args.skip_aware_prob, resume=args.resume, devices=args.devices, log_every=args.log_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
     )
     try:
