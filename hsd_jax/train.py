@@ -18,6 +18,15 @@ What a run does, in order:
      same batches, so the losses equal an uninterrupted run's);
   7. exports OUTPUT as a Hugging Face folder (LoRA merged into the weights).
 
+In the code: `train` checks the settings and does 1 (`_output_lock`, `_prepare_output`),
+`_setup` does 2-4 and builds what the loop needs (a `_Run`: data, model, mesh, compiled
+steps, the state, restored on a resume), `_loop` does 5-6 (`_StepLog` writes each step)
+and `_export` does 7.
+
+Settings: each `TrainConfig` field is a `setting` whose metadata holds its help, the
+details of its `hsd-jax train` flag (the CLI builds its flags from the fields) and whether
+a resume must repeat it (`RUN_SETTINGS`, recorded in OUTPUT/run.json).
+
 The learning-rate schedule spans `epochs` over the whole data set; `max_steps` only
 stops early, so a run cut into pieces with `max_steps` and `resume` follows the same
 schedule as one run.
@@ -59,12 +68,6 @@ LOCK_FILE = ".lock"  # held (flock) by the live run; the OS drops it when the pr
 # Orbax writes a checkpoint to "<step>.orbax-checkpoint-tmp[-<time>]" and renames it when complete.
 ORBAX_TMP = ".orbax-checkpoint-tmp"
 
-# Settings a resumed run must share with the run it continues (the rest may change).
-_RUN_KEYS = ("model", "tokenizer", "dataset", "split", "train_file", "source_field", "target_field", "limit",
-             "mode", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
-             "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed", "bf16", "skip_aware",
-             "skip_aware_prob")
-
 # GPT-2 sizes for `random:<name>` (the OpenAI checkpoints' shapes).
 GPT2_PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -79,48 +82,107 @@ _GPT2_DEFAULTS = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], voca
                       initializer_range=0.02, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, resume: bool = False, metavar: str | None = None,
+            shown_default: str | None = None, choices: tuple | None = None, nargs: str | None = None,
+            sep: str | None = None, one_of: str | None = None, example: str | None = None):
+    """A `TrainConfig` field and what `hsd-jax train` makes of it (hsd_jax/commands/train.py).
+
+    The flag is `--` + the name with `-` for `_` (a bool that defaults to True is turned off
+    by `--no-NAME`, its help then reads "no " + help); its type is the field's annotation.
+      help           what the setting does (the flag's help; the CLI adds "(default: ...)")
+      resume         a `--resume` must repeat it: run.json records it and a resume compares
+      metavar        the flag's value in `--help`
+      shown_default  the default as `--help` words it, where the value (None) does not say
+      choices        the values the flag accepts
+      nargs          "+": the flag takes one or more values (a tuple)
+      sep            the flag takes one string of values separated by `sep` (a tuple)
+      example        a value of a `sep` list, named when the list is empty
+      one_of         a group of settings of which the command line needs exactly one
+    """
+    metadata = dict(help=help, resume=resume, metavar=metavar, shown_default=shown_default, choices=choices,
+                    nargs=nargs, sep=sep, one_of=one_of, example=example)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Every knob of a run; the CLI flags map one to one (`--batch-size` -> batch_size)."""
+    """Every setting of a run. Each field is a `setting`: its metadata is the help and the
+    details of its `hsd-jax train` flag (`batch_size` -> `--batch-size`), and whether a
+    `--resume` must repeat it (`RUN_SETTINGS`)."""
 
-    model: str  # HF folder or hub id; "random:gpt2|gpt2-medium|...|path/config.json" for random GPT-2 weights
-    output: str  # run folder; ends as a Hugging Face model folder
-    dataset: str | None = None  # a name in hsd_jax.data.DATASETS ...
-    split: str = "train"
-    train_file: str | None = None  # ... or a local .jsonl / .json / .csv / .tsv file
-    source_field: str | None = None  # default "source" for files, the dataset's own for names
-    target_field: str | None = None
-    limit: int | None = None  # use only the first N training pairs
-    eval_file: str | None = None  # validation pairs (same fields as the training file)
-    eval_split: str | None = None  # or a split of --dataset
-    eval_every: int = 0  # steps between validation losses; 0 = only at the end when eval data is given
-    eval_limit: int | None = None  # use only the first N validation pairs
-    tokenizer: str | None = None  # folder or hub id, or "bpe:N" (learn N tokens on the training pairs)
-    mode: str = "full"  # "full" | "lora"
-    epochs: int = 3
-    batch_size: int = 8  # global, over all devices
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0  # AdamW decoupled decay on kernels/embeddings (not biases, norms)
-    warmup_steps: int | None = None  # None: 6% of the schedule
-    max_grad_norm: float = 1.0
-    max_steps: int | None = None  # stop after this many steps (the schedule still spans `epochs`)
-    max_length: int | None = None  # tokens per row; default the model's context
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] | None = None  # None: every attention and MLP projection
-    seed: int = 0
-    bf16: bool = False  # bfloat16 compute (weights, activations); float32 master weights and loss
-    # Schedule-aware training: specs (or groups such as "paper") of static schedules; each
-    # batch trains under one of them, drawn at random, with probability skip_aware_prob,
-    # and the full model otherwise (`skip_aware_active`).
-    skip_aware: tuple[str, ...] | None = None
-    skip_aware_prob: float = 0.5
-    resume: bool = False
-    devices: int | None = None  # use the first N local devices (single process); None = all
-    log_every: int = 1
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    progress: bool = True  # tqdm bar on process 0
+    model: str = setting(
+        help="Hugging Face folder or hub id; or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl|CONFIG.json for random "
+        "GPT-2 weights (needs --tokenizer; the config's vocab_size may exceed the tokenizer's)",
+        resume=True, metavar="M")
+    output: str = setting(help="run folder; ends as a Hugging Face model folder", metavar="DIR")
+    tokenizer: str | None = setting(
+        None, help="tokenizer folder or hub id; bpe:N learns a byte-level BPE of N tokens on the training pairs "
+        "and saves it with the model (for random weights)", resume=True, metavar="DIR", shown_default="the model's")
+    dataset: str | None = setting(None, help=f"a known dataset: {', '.join(data_lib.DATASETS)}", resume=True,
+                                  metavar="NAME", one_of="data")
+    split: str = setting("train", help="split of --dataset", resume=True)
+    train_file: str | None = setting(None, help="local .jsonl / .json / .csv / .tsv of pairs", resume=True,
+                                     metavar="FILE", one_of="data")
+    source_field: str | None = setting(
+        None, help="source field of --train-file and --eval-file (a named dataset has its own)", resume=True,
+        metavar="F", shown_default="source")
+    target_field: str | None = setting(
+        None, help="target field of --train-file and --eval-file; a list gives one pair per reference",
+        resume=True, metavar="F", shown_default="target")
+    limit: int | None = setting(None, help="use only the first N training pairs", resume=True, metavar="N",
+                                shown_default="all")
+    eval_file: str | None = setting(None, help="validation pairs for a periodic validation loss", metavar="FILE",
+                                    shown_default="none")
+    eval_split: str | None = setting(None, help="validation split of --dataset (e.g. validation)", metavar="SPLIT",
+                                     shown_default="none")
+    eval_every: int = setting(0, help="steps between validation losses, when validation data is given",
+                              metavar="N", shown_default="0, only at the end")
+    eval_limit: int | None = setting(None, help="use only the first N validation pairs", metavar="N",
+                                     shown_default="all")
+    mode: str = setting("full", help="what trains: every weight, or LoRA adapters", resume=True,
+                        choices=("full", "lora"))
+    epochs: int = setting(3, help="passes over the data; the schedule spans them", resume=True, metavar="N")
+    batch_size: int = setting(8, help="global batch size, all devices", resume=True, metavar="B")
+    learning_rate: float = setting(
+        5e-5, help="peak AdamW learning rate, reached after warm-up (6% of the schedule unless --warmup-steps) "
+        "and decayed linearly to 0", resume=True, metavar="LR", shown_default="5e-5")
+    weight_decay: float = setting(0.0, help="AdamW decoupled weight decay on kernels and embeddings (not biases, "
+                                  "norm scales)", resume=True, metavar="W")
+    warmup_steps: int | None = setting(
+        None, help="linear warm-up steps from 0 to --learning-rate; a short run may never leave warm-up (the "
+        "progress bar and summary show the rate)", resume=True, metavar="N", shown_default="6% of the schedule")
+    max_grad_norm: float = setting(1.0, help="global-norm clipping", resume=True, metavar="G")
+    max_steps: int | None = setting(None, help="stop after N steps; the learning-rate schedule still spans --epochs",
+                                    metavar="N", shown_default="the end of --epochs")
+    max_length: int | None = setting(None, help="tokens per row", resume=True, metavar="T",
+                                     shown_default="the model's context")
+    lora_rank: int = setting(16, help="LoRA rank r", resume=True, metavar="R")
+    lora_alpha: float = setting(32.0, help="LoRA alpha; updates scale by alpha/r", resume=True, metavar="A")
+    lora_targets: tuple[str, ...] | None = setting(
+        None, help="comma-separated projections, e.g. attn.c_attn,c_proj or q_proj,v_proj", resume=True,
+        metavar="LIST", shown_default="every attention and MLP projection", sep=",", example="attn.c_attn,mlp.c_fc")
+    seed: int = setting(0, help="data order, initialisation and --skip-aware draws seed", resume=True, metavar="S")
+    bf16: bool = setting(False, help="compute in bfloat16 (float32 master weights and loss)", resume=True)
+    # Schedule-aware training: each batch trains under one of these schedules, drawn at
+    # random, with probability skip_aware_prob, and the full model otherwise (`skip_aware_active`).
+    skip_aware: tuple[str, ...] | None = setting(
+        None, help="schedule-aware training: train some batches under these skip schedules (specs, presets, masks, "
+        "or the group paper), so the model stays good when decoding skips layers; each batch draws one at random "
+        "or trains the full model", resume=True, metavar="SPEC", nargs="+", shown_default="none")
+    skip_aware_prob: float = setting(
+        0.5, help="share of batches trained under a --skip-aware schedule, the rest train every layer", resume=True,
+        metavar="P")
+    resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
+    devices: int | None = setting(None, help="use only the first N local devices (one process)", metavar="N",
+                                  shown_default="all")
+    log_every: int = setting(1, help="steps between log lines", metavar="N")
+    save_every: int = setting(500, help="steps between checkpoints; one is always written at the end", metavar="N")
+    keep_checkpoints: int = setting(2, help="checkpoints kept, at least 1", metavar="N")
+    progress: bool = setting(True, help="progress bar on process 0 (a plain line every 10 s in a log)")
+
+
+# The settings run.json records and a --resume must repeat (the rest may change).
+RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"])
 
 
 @dataclasses.dataclass
@@ -472,7 +534,7 @@ def skip_aware_active(mask: np.ndarray | None, loss_mask: np.ndarray, num_layers
 
 
 def _run_settings(cfg: TrainConfig) -> dict:
-    settings = {k: getattr(cfg, k) for k in _RUN_KEYS}
+    settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
     for key in ("model", "tokenizer", "train_file"):  # the same folder, wherever the run is started from
         value = settings[key]
         if value and not value.startswith("random:") and Path(value).exists():
@@ -585,7 +647,7 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> dict | None:
                        "or choose another --output")
     previous = _read_run_file(run_file)
     now = _run_settings(cfg)
-    changed = [k for k in _RUN_KEYS if previous["settings"].get(k) != now[k]]
+    changed = [k for k in RUN_SETTINGS if previous["settings"].get(k) != now[k]]
     if changed:
         diffs = "; ".join(f"{k}: {previous['settings'].get(k)!r} then, {now[k]!r} now" for k in changed)
         raise HsdError(f"--resume must repeat the settings of the run in {out} ({diffs}); "
@@ -732,7 +794,7 @@ def _export(out: Path, lm, params, record: dict, step: int) -> None:
     write_json(out / RUN_FILE, {**record, "exported_step": step})
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the run: setup, loop, export
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -748,7 +810,84 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _run(cfg: TrainConfig, out: Path) -> TrainResult:
     previous = _prepare_output(cfg, out)
+    run = _setup(cfg, out, previous)
+    if isinstance(run, TrainResult):  # a resume with nothing left to do
+        return run
+    with _failures_explained(out, run.manager):
+        log = _loop(run)
+        if run.lead:
+            _export(out, run.lm, run.trained_params(), run.record, run.end)
+    run.manager.close()
+    return TrainResult(steps=run.end, losses=log.losses, eval_losses=log.eval_losses,
+                       trainable_params=run.record["trainable_params"], learning_rates=log.learning_rates,
+                       **run.summary)
 
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, built by `_setup`: data, model, mesh, compiled steps and the
+    training state (`state` is replaced by each step)."""
+
+    cfg: TrainConfig
+    out: Path
+    lead: bool  # process 0: writes run.json, the log and the model
+    lm: Any  # the loaded model: config, tokenizer, base weights
+    train_data: Any  # data_lib.encode_pairs of the training pairs
+    eval_data: Any  # ... of the validation pairs, or None
+    skip_schedules: list | None  # the schedules of `skip_aware`
+    mesh: Any  # 1-D, axis "data"
+    local_rows: int  # the rows of each global batch this process feeds
+    steps_per_epoch: int
+    start: int  # the step restored (0 for a new run)
+    stop: int  # the step this call trains to
+    manager: Any  # Orbax CheckpointManager of OUTPUT/checkpoints
+    schedule: Any  # optax schedule: step -> learning rate
+    train_step: Any
+    eval_step: Any
+    lora_scale: float
+    state: dict  # {"step", "trainable", "opt_state"}, replicated
+    frozen: dict  # the base weights under LoRA, {} in full training
+    record: dict  # what run.json holds
+    summary: dict  # the TrainResult fields known before training
+
+    @property
+    def end(self) -> int:
+        """The step the run stands at after the loop (a resume past `stop` trains nothing)."""
+        return max(self.stop, self.start)
+
+    def to_device(self, batch: dict) -> dict:
+        """The global batch, each process contributing its rows (all of them with one process)."""
+        import jax
+
+        rows = slice(jax.process_index() * self.local_rows, (jax.process_index() + 1) * self.local_rows)
+        return {k: jax.make_array_from_process_local_data(
+                    batch_sharding(self.mesh, k), v[:, rows] if k == "active" else v[rows], v.shape)
+                for k, v in batch.items()}
+
+    def evaluate(self) -> float:
+        """The validation loss of the current weights: mean NLL per target token."""
+        total_nll, count = 0.0, 0.0
+        size = self.cfg.batch_size
+        order = np.argsort(self.eval_data.lengths, kind="stable")  # fixed order, little padding
+        for i in range(0, len(order), size):
+            batch = data_lib.make_batch(self.eval_data, order[i:i + size], size)
+            s, n = self.eval_step(self.state["trainable"], self.frozen, self.to_device(batch))
+            total_nll, count = total_nll + float(s), count + float(n)
+        return total_nll / max(count, 1.0)
+
+    def trained_params(self):
+        """The model's weights now: LoRA merged into the base weights, or the trained ones."""
+        from hsd_jax import lora
+
+        if self.cfg.mode == "lora":
+            return lora.merge(self.frozen, self.state["trainable"], self.lora_scale)
+        return self.state["trainable"]
+
+
+def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainResult:
+    """Steps 2-4 of the module docstring and what step 5 starts from: model and data, mesh,
+    optimizer and compiled steps, the state (restored on a resume), run.json. A resume that
+    finds the run over and its model written returns its TrainResult instead."""
     import jax
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -756,33 +895,16 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
     from hsd_jax import lora
 
     lead = jax.process_index() == 0
-    train_pairs = _train_pairs(cfg)
-    lm = _load_model(cfg, train_pairs)
+    lm, train_data, eval_data, max_len = _model_and_data(cfg)
     config = lm.config
-    max_len = min(cfg.max_length or config.max_position, config.max_position)
-    train_data = data_lib.encode_pairs(lm.tokenizer, train_pairs, max_len,
-                                       what=cfg.train_file or f"{cfg.dataset} ({cfg.split})")
-    eval_pairs = _eval_pairs(cfg)
-    eval_data = data_lib.encode_pairs(lm.tokenizer, eval_pairs, max_len, what="the validation data") \
-        if eval_pairs else None
     skip_schedules = skip_aware_schedules(cfg.skip_aware, config.num_layers, max_len) if cfg.skip_aware else None
     fingerprint, base_weights = train_data.fingerprint(), weights_fingerprint(lm.params)
     if previous is not None:
         _check_inputs_unchanged(previous, out, fingerprint, base_weights)
 
     # Devices: a 1-D mesh; the global batch splits over it, the weights are replicated.
-    if cfg.devices is not None and jax.process_count() == 1:
-        if not 1 <= cfg.devices <= jax.device_count():
-            raise HsdError(f"--devices {cfg.devices}: this machine has {jax.device_count()} devices")
-        devices = jax.devices()[: cfg.devices]
-    else:
-        devices = jax.devices()
-    if cfg.batch_size % len(devices):
-        raise HsdError(f"--batch-size {cfg.batch_size} must be a multiple of the {len(devices)} devices "
-                       "the batch is split over")
+    devices = _devices(cfg)
     mesh = Mesh(np.array(devices), ("data",))
-    replicated = NamedSharding(mesh, P())
-    local_rows = cfg.batch_size // jax.process_count()
 
     spe = data_lib.steps_per_epoch(len(train_data), cfg.batch_size)
     total = cfg.epochs * spe
@@ -809,16 +931,8 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
     optimizer = (cfg.learning_rate, total, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
     tx, schedule, train_step, eval_step = _compiled(config, optimizer, cfg.mode, lora_cfg.scale, cfg.bf16,
                                                     tuple(devices))
-
-    if cfg.mode == "lora":
-        frozen = lm.params
-        trainable = lora.init(jax.random.key(cfg.seed), lm.params, config, lora_cfg)
-    else:
-        frozen, trainable = {}, lm.params
-    state = {"step": np.zeros((), np.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-    state, frozen = _replicate(state, replicated), _replicate(frozen, replicated)
+    state, frozen = _initial_state(cfg, lm, tx, lora_cfg, NamedSharding(mesh, P()))
     num_trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
-
     if start:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
@@ -826,110 +940,174 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
             print(f"resuming {out} from step {start}", file=sys.stderr)
     elif previous is not None and lead:
         print(f"no checkpoint in {out / CHECKPOINTS}; starting from step 0", file=sys.stderr)
-    run_record = {"settings": _run_settings(cfg), "data_fingerprint": fingerprint, "base_weights": base_weights,
-                  "train_pairs": len(train_data), "steps_per_epoch": spe, "schedule_steps": total,
-                  "devices": len(devices), "trainable_params": int(num_trainable)}
+
+    record = {"settings": _run_settings(cfg), "data_fingerprint": fingerprint, "base_weights": base_weights,
+              "train_pairs": len(train_data), "steps_per_epoch": spe, "schedule_steps": total,
+              "devices": len(devices), "trainable_params": int(num_trainable)}
     if lead:
-        write_json(out / RUN_FILE, run_record)
+        write_json(out / RUN_FILE, record)
         _trim_log(out / LOG_FILE, start)
+    return _Run(cfg=cfg, out=out, lead=lead, lm=lm, train_data=train_data, eval_data=eval_data,
+                skip_schedules=skip_schedules, mesh=mesh, local_rows=cfg.batch_size // jax.process_count(),
+                steps_per_epoch=spe, start=start, stop=stop, manager=manager, schedule=schedule,
+                train_step=train_step, eval_step=eval_step, lora_scale=lora_cfg.scale, state=state, frozen=frozen,
+                record=record, summary=summary)
 
-    def to_device(batch: dict) -> dict:
-        """The global batch, each process contributing its rows (all of them with one process)."""
-        rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
-        return {k: jax.make_array_from_process_local_data(
-                    batch_sharding(mesh, k), v[:, rows] if k == "active" else v[rows], v.shape)
-                for k, v in batch.items()}
 
-    def evaluate() -> float:
-        total_nll, count = 0.0, 0.0
-        order = np.argsort(eval_data.lengths, kind="stable")  # fixed order, little padding
-        for i in range(0, len(order), cfg.batch_size):
-            batch = data_lib.make_batch(eval_data, order[i:i + cfg.batch_size], cfg.batch_size)
-            s, n = eval_step(state["trainable"], frozen, to_device(batch))
-            total_nll, count = total_nll + float(s), count + float(n)
-        return total_nll / max(count, 1.0)
+def _model_and_data(cfg: TrainConfig):
+    """(model, training data, validation data or None, tokens per row): the pairs read and
+    tokenised with the model's (or the given, or the learned) tokenizer."""
+    train_pairs = _train_pairs(cfg)
+    lm = _load_model(cfg, train_pairs)
+    max_len = min(cfg.max_length or lm.config.max_position, lm.config.max_position)
+    train_data = data_lib.encode_pairs(lm.tokenizer, train_pairs, max_len,
+                                       what=cfg.train_file or f"{cfg.dataset} ({cfg.split})")
+    eval_pairs = _eval_pairs(cfg)
+    eval_data = data_lib.encode_pairs(lm.tokenizer, eval_pairs, max_len, what="the validation data") \
+        if eval_pairs else None
+    return lm, train_data, eval_data, max_len
 
-    losses: dict[int, float] = {}
-    learning_rates: dict[int, float] = {}
-    eval_losses: dict[int, float] = {}
-    bar = _progress(cfg.progress and lead, start, stop)
-    log = (out / LOG_FILE).open("a") if lead else None
+
+def _devices(cfg: TrainConfig) -> list:
+    """The devices the batch is split over: all (of every process), or the first `devices` local ones."""
+    import jax
+
+    if cfg.devices is not None and jax.process_count() == 1:
+        if not 1 <= cfg.devices <= jax.device_count():
+            raise HsdError(f"--devices {cfg.devices}: this machine has {jax.device_count()} devices")
+        devices = jax.devices()[: cfg.devices]
+    else:
+        devices = jax.devices()
+    if cfg.batch_size % len(devices):
+        raise HsdError(f"--batch-size {cfg.batch_size} must be a multiple of the {len(devices)} devices "
+                       "the batch is split over")
+    return devices
+
+
+def _initial_state(cfg: TrainConfig, lm, tx, lora_cfg, replicated) -> tuple[dict, dict]:
+    """(state, frozen) on every device: LoRA adapters drawn from the seed over the frozen base
+    weights, or every weight trainable and nothing frozen; the optimizer state at its start."""
+    import jax
+
+    from hsd_jax import lora
+
+    if cfg.mode == "lora":
+        frozen = lm.params
+        trainable = lora.init(jax.random.key(cfg.seed), lm.params, lm.config, lora_cfg)
+    else:
+        frozen, trainable = {}, lm.params
+    state = {"step": np.zeros((), np.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    return _replicate(state, replicated), _replicate(frozen, replicated)
+
+
+def _loop(run: _Run) -> _StepLog:
+    """Steps 5-6: one jitted step per batch from `run.start` to `run.stop`, each step logged;
+    the validation loss and a checkpoint when due, and both at the last step."""
+    import orbax.checkpoint as ocp
+
+    cfg = run.cfg
+    log = _StepLog(run)
     pending = None  # the previous step's metrics, read after the next step is dispatched
-    t_last, tokens_since = time.perf_counter(), 0
-    t_start = t_last
+    try:
+        for step, batch in _batches(run):
+            trained_under = _add_skip_schedule(run, batch, step)
+            run.state, metrics = run.train_step(run.state, run.frozen, run.to_device(batch))
+            done = step + 1
+            if pending is not None:
+                log.write(*pending)
+            pending = (done, metrics, int(batch["attention_mask"].sum()), trained_under)
+            due_eval = run.eval_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
+                                                      or done == run.stop)
+            due_save = done % cfg.save_every == 0 or done == run.stop
+            if due_eval or due_save:
+                log.write(*pending, eval_loss=run.evaluate() if due_eval else None)  # the log never lags a checkpoint
+                pending = None
+            if due_save:
+                run.manager.save(done, args=ocp.args.StandardSave(run.state))
+        if pending is not None:
+            log.write(*pending)
+        run.manager.wait_until_finished()
+    finally:
+        log.close()
+    return log
 
-    def flush(entry, eval_loss: float | None = None) -> None:
-        nonlocal t_last, tokens_since
-        step, metrics, tokens, trained_under = entry
+
+def _batches(run: _Run):
+    """(step, batch) for each step from `run.start` to `run.stop`, `step` counting the steps
+    before it: each epoch's `batch_plan` (from the seed and the epoch) in order, so a resume
+    meets the batches an uninterrupted run would."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    epoch, index = divmod(run.start, spe)
+    plan = data_lib.batch_plan(run.train_data.lengths, cfg.batch_size, cfg.seed, epoch)
+    for step in range(run.start, run.stop):
+        if index == spe:
+            epoch, index = epoch + 1, 0
+            plan = data_lib.batch_plan(run.train_data.lengths, cfg.batch_size, cfg.seed, epoch)
+        yield step, data_lib.make_batch(run.train_data, plan[index], cfg.batch_size)
+        index += 1
+
+
+def _add_skip_schedule(run: _Run, batch: dict, step: int) -> str | None:
+    """With `skip_aware`: draws what batch `step` trains under, puts its layer mask in
+    `batch["active"]` and returns its spec ("vanilla": the full model); None without."""
+    if run.skip_schedules is None:
+        return None
+    sched = draw_schedule(run.skip_schedules, run.cfg.skip_aware_prob, run.cfg.seed, step)
+    batch["active"] = skip_aware_active(None if sched is None else sched.mask, batch["loss_mask"],
+                                        run.lm.config.num_layers)
+    return "vanilla" if sched is None else sched.spec
+
+
+class _StepLog:
+    """Where each step's metrics go: the result's dicts, OUTPUT/train_log.jsonl (process 0;
+    every `log_every` steps, at the last step and with each validation loss) and the progress bar."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.losses: dict[int, float] = {}
+        self.learning_rates: dict[int, float] = {}
+        self.eval_losses: dict[int, float] = {}
+        self.bar = _progress(run.cfg.progress and run.lead, run.start, run.stop)
+        self.file = (run.out / LOG_FILE).open("a") if run.lead else None
+        self.t_last, self.tokens_since = time.perf_counter(), 0  # tokens/s counts since the last line
+        self.t_start = self.t_last
+
+    def write(self, step: int, metrics: dict, tokens: int, trained_under: str | None,
+              eval_loss: float | None = None) -> None:
+        """Records step `step` (reading its metrics waits for it); a loss that is not finite ends the run."""
+        cfg = self.run.cfg
         loss = float(metrics["loss"])
-        losses[step] = loss
+        self.losses[step] = loss
         now = time.perf_counter()
-        tokens_since += tokens
+        self.tokens_since += tokens
         if not math.isfinite(loss):
             raise HsdError(f"the training loss became {loss} at step {step}; lower --learning-rate "
                            "(or drop --bf16) and resume from the last checkpoint with --resume")
-        record = {"step": step, "epoch": round(step / spe, 4), "loss": loss, "lr": float(schedule(step - 1)),
-                  "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["target_tokens"])}
+        record = {"step": step, "epoch": round(step / self.run.steps_per_epoch, 4), "loss": loss,
+                  "lr": float(self.run.schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
+                  "target_tokens": int(metrics["target_tokens"])}
         if trained_under is not None:
             record["schedule"] = trained_under
-        learning_rates[step] = record["lr"]
+        self.learning_rates[step] = record["lr"]
         if eval_loss is not None:
-            eval_losses[step] = record["eval_loss"] = eval_loss
-        if step % cfg.log_every == 0 or step == stop or eval_loss is not None:
-            record["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
-            record["elapsed_s"] = round(now - t_start, 2)
-            t_last, tokens_since = now, 0
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",  # a run still in warm-up shows it
-                            tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+            self.eval_losses[step] = record["eval_loss"] = eval_loss
+        if step % cfg.log_every == 0 or step == self.run.stop or eval_loss is not None:
+            record["tokens_per_s"] = round(self.tokens_since / max(now - self.t_last, 1e-9), 1)
+            record["elapsed_s"] = round(now - self.t_start, 2)
+            self.t_last, self.tokens_since = now, 0
+            if self.file is not None:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",  # a run still in warm-up shows it
+                                 tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
 
-    with _failures_explained(out, manager):
-        try:
-            step = start
-            epoch, index = divmod(step, spe)
-            plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
-            while step < stop:
-                if index == spe:
-                    epoch, index = epoch + 1, 0
-                    plan = data_lib.batch_plan(train_data.lengths, cfg.batch_size, cfg.seed, epoch)
-                batch = data_lib.make_batch(train_data, plan[index], cfg.batch_size)
-                trained_under = None
-                if skip_schedules is not None:
-                    sched = draw_schedule(skip_schedules, cfg.skip_aware_prob, cfg.seed, step)
-                    batch["active"] = skip_aware_active(None if sched is None else sched.mask, batch["loss_mask"],
-                                                        config.num_layers)
-                    trained_under = "vanilla" if sched is None else sched.spec
-                state, metrics = train_step(state, frozen, to_device(batch))
-                step, index = step + 1, index + 1
-                if pending is not None:
-                    flush(pending)
-                pending = (step, metrics, int(batch["attention_mask"].sum()), trained_under)
-                due_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                                      or step == stop)
-                if due_eval or step % cfg.save_every == 0 or step == stop:
-                    flush(pending, evaluate() if due_eval else None)  # the log never lags a checkpoint
-                    pending = None
-                if step % cfg.save_every == 0 or step == stop:
-                    manager.save(step, args=ocp.args.StandardSave(state))
-            if pending is not None:
-                flush(pending)
-            manager.wait_until_finished()
-        finally:
-            if log is not None:
-                log.close()
-            if bar is not None:
-                bar.close()
-        if lead:
-            params = lora.merge(frozen, state["trainable"], lora_cfg.scale) if cfg.mode == "lora" \
-                else state["trainable"]
-            _export(out, lm, params, run_record, max(stop, start))
-    manager.close()
-    return TrainResult(steps=max(stop, start), losses=losses, eval_losses=eval_losses,
-                       trainable_params=int(num_trainable), learning_rates=learning_rates, **summary)
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _replicate(tree: Any, sharding):

@@ -1,17 +1,25 @@
-"""`hsd-jax train`: fine-tune (full or LoRA) or train from random GPT-2 weights."""
+"""`hsd-jax train`: fine-tune (full or LoRA) or train from random GPT-2 weights.
+
+The flags are built from `hsd_jax.train.TrainConfig`, one per field (`batch_size` ->
+`--batch-size`): the type from the field's annotation, the default from the field, the
+help, metavar, choices and the rest from its `setting` metadata. `config_from_args` turns
+the parsed flags back into a TrainConfig.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 
 from hsd_jax.errors import HsdError
 
-# Kept in step with hsd_jax.data.DATASETS (not imported here, so `--help` stays instant).
-DATASET_NAMES = ("cnn_dailymail", "xsum", "e2e_nlg", "common_gen", "healthcaremagic")
-
 
 def register(subparsers) -> None:
+    from hsd_jax.train import TrainConfig  # numpy at most: JAX is imported when a run starts
+
     parser = subparsers.add_parser(
         "train",
         help="fine-tune a GPT-2 / Phi model (full or LoRA) on source -> target pairs",
@@ -21,94 +29,101 @@ def register(subparsers) -> None:
         "checkpoints in OUTPUT/checkpoints, a log in OUTPUT/train_log.jsonl; OUTPUT ends as a Hugging Face "
         "model folder (LoRA merged). See train/README.md.",
     )
-    parser.add_argument("--model", required=True, metavar="M",
-                        help="Hugging Face folder or hub id; or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl|"
-                        "CONFIG.json for random GPT-2 weights (needs --tokenizer; the config's vocab_size may exceed the tokenizer's)")
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder or hub id (default: the model's); bpe:N learns a byte-level BPE of N "
-                        "tokens on the training pairs and saves it with the model (for random weights)")
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--dataset", metavar="NAME", help=f"a known dataset: {', '.join(DATASET_NAMES)}")
-    data.add_argument("--train-file", metavar="FILE", help="local .jsonl / .json / .csv / .tsv of pairs")
-    parser.add_argument("--split", default="train", help="split of --dataset (default: train)")
-    parser.add_argument("--source-field", metavar="F", help="source field of --train-file (default: source)")
-    parser.add_argument("--target-field", metavar="F", help="target field of --train-file (default: target; "
-                        "a list gives one pair per reference)")
-    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N training pairs")
-    parser.add_argument("--eval-file", metavar="FILE", help="validation pairs for a periodic validation loss")
-    parser.add_argument("--eval-split", metavar="SPLIT", help="validation split of --dataset (e.g. validation)")
-    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
-                        help="steps between validation losses (default: only at the end)")
-    parser.add_argument("--eval-limit", type=int, metavar="N", help="use only the first N validation pairs")
-    parser.add_argument("--mode", choices=("full", "lora"), default="full", help="what trains (default: full)")
-    parser.add_argument("--epochs", type=int, default=3, metavar="N",
-                        help="passes over the data; the schedule spans them (default: 3)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
-                        help="global batch size, all devices (default: 8)")
-    parser.add_argument("--learning-rate", type=float, default=5e-5, metavar="LR",
-                        help="peak AdamW learning rate, reached after warm-up (6%% of the schedule unless "
-                        "--warmup-steps) and decayed linearly to 0 (default: 5e-5)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="AdamW weight decay (default: 0)")
-    parser.add_argument("--warmup-steps", type=int, metavar="N",
-                        help="linear warm-up steps from 0 to --learning-rate (default: 6%% of the schedule, "
-                        "so a short run may never leave warm-up; the progress bar and summary show the rate)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="G",
-                        help="global-norm clipping (default: 1.0)")
-    parser.add_argument("--max-steps", type=int, metavar="N",
-                        help="stop after N steps; the learning-rate schedule still spans --epochs")
-    parser.add_argument("--max-length", type=int, metavar="T", help="tokens per row (default: the model's context)")
-    parser.add_argument("--lora-rank", type=int, default=16, metavar="R", help="LoRA rank r (default: 16)")
-    parser.add_argument("--lora-alpha", type=float, default=32.0, metavar="A",
-                        help="LoRA alpha; updates scale by alpha/r (default: 32)")
-    parser.add_argument("--lora-targets", metavar="LIST",
-                        help="comma-separated projections, e.g. attn.c_attn,c_proj or q_proj,v_proj "
-                        "(default: every attention and MLP projection)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="data order and initialisation seed (default: 0)")
-    parser.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
-    parser.add_argument("--skip-aware", nargs="+", metavar="SPEC",
-                        help="schedule-aware training: train some batches under these skip schedules (specs, "
-                        "presets, masks, or the group paper), so the model stays good when decoding skips layers; "
-                        "each batch draws one at random or trains the full model")
-    parser.add_argument("--skip-aware-prob", type=float, default=0.5, metavar="P",
-                        help="share of batches trained under a --skip-aware schedule, the rest train every "
-                        "layer (default: 0.5)")
-    parser.add_argument("--devices", type=int, metavar="N", help="use only the first N local devices")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    parser.add_argument("--log-every", type=int, default=1, metavar="N", help="steps between log lines (default: 1)")
-    parser.add_argument("--save-every", type=int, default=500, metavar="N",
-                        help="steps between checkpoints (default: 500; one is always written at the end)")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
-                        help="checkpoints kept, at least 1 (default: 2)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="run folder; ends as a Hugging Face model folder")
+    add_settings(parser, TrainConfig)
     parser.set_defaults(func=run)
+
+
+def flag(field: dataclasses.Field) -> str:
+    """The option of a setting: --NAME, or --no-NAME for a bool that defaults to True."""
+    name = field.name.replace("_", "-")
+    return f"--no-{name}" if field.default is True else f"--{name}"
+
+
+def add_settings(parser: argparse.ArgumentParser, settings_type) -> None:
+    """One option per field of the dataclass `settings_type`, in field order: a field without a
+    default is required, fields with the same `one_of` form a group (listed together, where its
+    first field is) that needs exactly one, and every other option's help ends with its default."""
+    hints = typing.get_type_hints(settings_type)
+    fields = dataclasses.fields(settings_type)
+    added = set()
+    for field in fields:
+        group = field.metadata["one_of"]
+        if group is None:
+            _add_option(parser, field, hints[field.name])
+        elif group not in added:
+            added.add(group)
+            holder = parser.add_mutually_exclusive_group(required=True)
+            for member in fields:
+                if member.metadata["one_of"] == group:
+                    _add_option(holder, member, hints[member.name])
+
+
+def _add_option(holder, field: dataclasses.Field, hint) -> None:
+    meta, kind = field.metadata, _value_type(hint, field.name)
+    required = field.default is dataclasses.MISSING
+    options = dict(dest=field.name, default=None if required else field.default)
+    if kind is bool:
+        options["action"] = "store_false" if field.default else "store_true"
+        text, shown = ("no " if field.default else "") + meta["help"], "off"
+    else:
+        if kind in (int, float):
+            options["type"] = kind
+        elif kind is tuple:
+            if meta["nargs"]:
+                options["nargs"] = meta["nargs"]
+            elif not meta["sep"]:
+                raise TypeError(f"setting {field.name}: a tuple takes nargs or sep")
+        options.update({k: meta[k] for k in ("metavar", "choices") if meta[k] is not None})
+        text, shown = meta["help"], meta["shown_default"] or _shown(field.default)
+    if required:
+        options["required"] = True
+    elif not meta["one_of"]:  # a group's options are chosen among, and have no default
+        text = f"{text} (default: {shown})"
+    options["help"] = text.replace("%", "%%")  # argparse formats help with %
+    holder.add_argument(flag(field), **options)
+
+
+def config_from_args(args: argparse.Namespace, settings_type):
+    """The settings the parsed flags give (`add_settings`' options): a `sep` list split and
+    stripped, a `nargs` list as a tuple."""
+    values = {}
+    for field in dataclasses.fields(settings_type):
+        value, meta = getattr(args, field.name), field.metadata
+        if value is not None and meta["sep"]:
+            value = tuple(part.strip() for part in value.split(meta["sep"]) if part.strip())
+            if not value:
+                raise HsdError(f"{flag(field)} is empty; give a list such as {meta['example']}")
+        elif value is not None and meta["nargs"]:
+            value = tuple(value)
+        values[field.name] = value
+    return settings_type(**values)
+
+
+def _value_type(hint, name: str) -> type:
+    """int, float, str, bool or tuple: the annotation without its `| None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)]
+        hint = kinds[0] if len(kinds) == 1 else hint
+    kind = typing.get_origin(hint) or hint
+    if kind not in (int, float, str, bool, tuple):
+        raise TypeError(f"setting {name}: no command-line flag for the type {hint}")
+    return kind
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def run(args: argparse.Namespace) -> int:
     from hsd_jax.train import Interrupted, TrainConfig, train  # JAX is imported here, not at `--help`
 
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
-    if args.lora_targets is not None and not targets:
-        raise HsdError("--lora-targets is empty; list projections like attn.c_attn,mlp.c_fc")
-    cfg = TrainConfig(
-        model=args.model, output=args.output, dataset=args.dataset, split=args.split, train_file=args.train_file,
-        source_field=args.source_field, target_field=args.target_field, limit=args.limit,
-        eval_file=args.eval_file, eval_split=args.eval_split, eval_every=args.eval_every, eval_limit=args.eval_limit,
-        tokenizer=args.tokenizer, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, max_length=args.max_length,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets, seed=args.seed,
-        bf16=args.bf16, skip_aware=tuple(args.skip_aware) if args.skip_aware else None,
-        skip_aware_prob=args.skip_aware_prob, resume=args.resume, devices=args.devices, log_every=args.log_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
-    )
+    cfg = config_from_args(args, TrainConfig)
     try:
         result = train(cfg)
     except Interrupted as stop:  # Ctrl-C: one line naming the checkpoint to resume from
         print(f"hsd-jax train: {stop}", file=sys.stderr)
         return 130
-    print(summary(result, args.max_steps))
+    print(summary(result, cfg.max_steps))
     return 0
 
 
