@@ -22,6 +22,10 @@ Definitions (docs/benchmarks.md restates them):
 - memory roofline = inputs x bandwidth / vanilla weight bytes per token, with the
   bandwidth measured in the same run (the best median of a matrix-vector product and
   a reduction over an array about the size of the weights).
+
+The suites (`hsd-jax bench --suite NAME`) are data in `hsd_jax.bench_suites`; a
+suite's targets are printed as figures against their target values, and the checks
+that must hold are tests (tests/test_bench.py), not verdicts of this module.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ import numpy as np
 
 from hsd_jax.errors import HsdError
 
-# Architectures, as Hugging Face config keys. Weights are random (std 0.02, norms at
-# their identity), which does not change how long a forward pass takes.
+# Architectures, as Hugging Face config keys. Weights are random, drawn by the family's
+# `init` as transformers draws them, which does not change how long a forward pass takes.
 ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12},
     "gpt2-medium": {"model_type": "gpt2", "n_layer": 24, "n_embd": 1024, "n_head": 16},
@@ -84,42 +88,33 @@ def hf_config(arch: str):
     """The transformers config object of an architecture (no weights)."""
     if arch not in ARCHS:
         raise HsdError(f"unknown model {arch!r}; choose from {', '.join(ARCHS)}")
+    from transformers import AutoConfig
+
     keys = dict(ARCHS[arch], bos_token_id=None, eos_token_id=None)  # EOS disabled in every benchmark
-    model_type = keys.pop("model_type")
-    if model_type == "gpt2":
-        from transformers import GPT2Config
+    return AutoConfig.for_model(keys.pop("model_type"), **keys)
 
-        return GPT2Config(**keys)
-    from transformers import PhiConfig
 
-    return PhiConfig(**keys)
+def model_config(arch: str):
+    """(the config.json dict, the `ModelConfig`) of an architecture."""
+    from hsd_jax.models import FAMILIES
+
+    hf = hf_config(arch).to_dict()
+    return hf, FAMILIES[hf["model_type"]].config_from_hf(hf)
 
 
 def random_model(arch: str, dtype: str = "float32", seed: int = 0):
-    """A `LanguageModel` of the architecture with random weights, made directly in JAX."""
+    """A `LanguageModel` of the architecture with random weights, drawn in JAX by its
+    family's initialiser (`hsd_jax.models.init_params`)."""
     import jax
     import jax.numpy as jnp
 
     from hsd_jax.checkpoint import LanguageModel
-    from hsd_jax.models import FAMILIES
+    from hsd_jax.models import init_params
 
-    hf = hf_config(arch).to_dict()
-    fam = FAMILIES[hf["model_type"]]
-    config = fam.config_from_hf(hf)
+    hf, config = model_config(arch)
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    params: dict = {}
-    key = jax.random.PRNGKey(seed)
-    for i, (path, shape) in enumerate(sorted(fam.expected_shapes(config).items())):
-        if path[-1] == "scale":
-            value = jnp.ones(shape, jdtype)
-        elif path[-1] == "bias":
-            value = jnp.zeros(shape, jdtype)
-        else:
-            value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(jdtype)
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
+    params = init_params(config, jax.random.PRNGKey(seed), initializer_range=hf.get("initializer_range") or 0.02,
+                         dtype=jdtype)
     jax.block_until_ready(params)
     return LanguageModel(config=config, params=params, hf_config=hf, source=f"random {arch}")
 
@@ -156,31 +151,28 @@ def hf_config_from_dict(hf: dict):
 
 
 def _nbytes(tree) -> int:
+    """Bytes of the arrays (or `jax.ShapeDtypeStruct`s) of a pytree."""
     import jax
 
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def weight_bytes(lm) -> dict[str, int]:
-    """Bytes a decode step reads: `head` always, per layer `layer` (run) or `kv` (propagate)."""
-    p, c = lm.params, lm.config
-    layers = p["layers"]
-    layer = _nbytes(layers) // c.num_layers
-    item = _first(layers).dtype.itemsize
-    d = c.hidden_size
-    if c.model_type == "gpt2":
-        head = _nbytes(p["ln_f"]) + _nbytes(p["wte"])  # tied: the head is wte
-        kv = (2 * d + d * 2 * d + 2 * d) * item  # ln_1, the K/V columns of c_attn and their bias
-    else:
-        head = _nbytes(p["final_layernorm"]) + _nbytes(p["lm_head"])
-        kv = (2 * d + 2 * (d * d + d)) * item  # input_layernorm, k_proj, v_proj
-    return {"head": head, "layer": layer, "kv": kv}
+    """Bytes a decode step reads: `head` always, per layer `layer` (run) or `kv` (propagate).
 
-
-def _first(tree):
+    The family says which weights its `head` and its `kv` read (`head_params`,
+    `kv_params`); the K/V part is sized by shape alone (`jax.eval_shape`), nothing is
+    sliced. `lm.params` is the stacked layout."""
     import jax
 
-    return jax.tree.leaves(tree)[0]
+    from hsd_jax.models import family
+
+    p, c = lm.params, lm.config
+    fam = family(c)
+    layers = p["layers"]
+    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), layers)
+    kv = _nbytes(jax.eval_shape(lambda layer: fam.kv_params(layer, c), one_layer))
+    return {"head": _nbytes(fam.head_params(p)), "layer": _nbytes(layers) // c.num_layers, "kv": kv}
 
 
 def schedule_bytes(ops: np.ndarray, sizes: dict[str, int], new_tokens: int) -> float:
@@ -292,8 +284,7 @@ def _torch_call(model, ids: np.ndarray, case: Case):
 
 
 def lm_layers(model) -> int:
-    c = model.config
-    return getattr(c, "n_layer", None) or c.num_hidden_layers
+    return model.config.num_hidden_layers  # transformers' common name (GPT-2's n_layer is an alias of it)
 
 
 def _available_memory() -> int | None:
@@ -420,12 +411,11 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backe
 
 def _nbytes_estimate(arch: str, dtype: str) -> dict[str, int]:
     """Parameter bytes from the config alone (before anything is allocated)."""
-    from hsd_jax.models import FAMILIES
+    from hsd_jax.models import family
 
-    hf = hf_config(arch).to_dict()
-    config = FAMILIES[hf["model_type"]].config_from_hf(hf)
+    _, config = model_config(arch)
     item = 4 if dtype == "float32" else 2
-    shapes = FAMILIES[hf["model_type"]].expected_shapes(config)
+    shapes = family(config).expected_shapes(config)
     return {"/".join(k): int(np.prod(v)) * item for k, v in shapes.items()}
 
 
@@ -456,12 +446,17 @@ def environment() -> dict:
 
 
 def run_suite(cases: Sequence[Case], repeats: int, json_path=None, log: Callable[[str], None] = print,
-              suite: str = "custom", max_seconds: float | None = None) -> dict:
-    """Runs the cases in order, rewriting `json_path` (atomically) after each one."""
+              suite: str = "custom", max_seconds: float | None = None, targets: Sequence[dict] = ()) -> dict:
+    """Runs the cases in order, rewriting `json_path` (atomically) after each one.
+
+    `targets` (a suite's, see `hsd_jax.bench_suites`) are reported as figures against
+    their target values under the result's "targets"."""
     from hsd_jax.io import write_json
 
+    check_targets(targets)  # a malformed one fails now, not after the timing runs
+    definitions = __doc__.split("Definitions (docs/benchmarks.md restates them):")[1].split("\n\n")[0].strip()
     result = {"suite": suite, "repeats": repeats, "environment": environment(), "cases": [],
-              "definitions": __doc__.split("Definitions (docs/benchmarks.md restates them):")[1].strip()}
+              "definitions": definitions}
     start = time.perf_counter()
     for case in cases:
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
@@ -469,43 +464,63 @@ def run_suite(cases: Sequence[Case], repeats: int, json_path=None, log: Callable
                                     "skipped": True, "notes": [f"skipped: past --max-seconds {max_seconds:g}"]})
             continue
         result["cases"].append(run_case(case, repeats, log=log))
-        result["checks"] = targets(result)
+        result["targets"] = target_figures(result, targets)
         result["environment"]["load_average_end"] = environment().get("load_average")
         if json_path is not None:
             write_json(json_path, result)
-    result["checks"] = targets(result)
+    result["targets"] = target_figures(result, targets)
     if json_path is not None:
         write_json(json_path, result)
     return result
 
 
-def targets(result: dict) -> list[dict]:
-    """The issue's CPU targets, evaluated on every case they apply to (GPT-2 small, float32, batch 1, prompt 32)."""
-    checks = []
+_TARGET_KEYS = {"name", "case", "run", "value", "target", "unit", "over"}
+
+
+def check_targets(targets: Sequence[dict]) -> None:
+    """Each target has the form `hsd_jax.bench_suites` describes, or an HsdError says what is wrong."""
+    for i, t in enumerate(targets):
+        what = f"target {i + 1} ({t.get('name', 'unnamed')!r})" if isinstance(t, dict) else f"target {i + 1}"
+        if not isinstance(t, dict) or not {"name", "case", "run", "value", "target"} <= set(t) or set(t) - _TARGET_KEYS:
+            raise HsdError(f"{what}: give name, case, run, value and target (and optionally over, unit), "
+                           "as in hsd_jax/bench_suites.py")
+        pairs = [t["run"]] + ([t["over"]] if "over" in t else [])
+        if not isinstance(t["case"], dict) or any(not isinstance(r, (list, tuple)) or len(r) != 2 for r in pairs):
+            raise HsdError(f"{what}: case is a dict of case fields, run and over are (runner, schedule) pairs")
+        if isinstance(t["target"], bool) or not isinstance(t["target"], (int, float)) or not t["target"] > 0:
+            raise HsdError(f"{what}: target is a number above 0, got {t['target']!r}")
+        if t.get("unit", "x") not in ("x", "%"):
+            raise HsdError(f"{what}: unit is 'x' or '%', got {t['unit']!r}")
+
+
+def target_figures(result: dict, targets: Sequence[dict]) -> list[dict]:
+    """Each target's figure on every case and run it applies to: the figure, the target and
+    `of_target` (figure / target). Information for the report; a run without the figure
+    (e.g. no transformers run to compare with) gives no line."""
+    figures = []
     for rec in result["cases"]:
-        c = rec["case"]
-        if rec.get("skipped") or c["model"] != "gpt2" or c["dtype"] != "float32" or c["batch"] != 1 or c["prompt_len"] != 32:
+        if rec.get("skipped"):
             continue
         runs = {(r["runner"], r["schedule"]): r for r in rec["runs"]}
-        comp = runs.get(("compiled", "vanilla"))
-        stat = runs.get(("static", "vanilla"))
-        greedy = c["num_beams"] == 1
-        if comp and comp["speedup_vs_transformers"] is not None:
-            need = 2.0 if greedy else 3.0
-            checks.append(_check(f"{rec['label']}: compiled vs transformers", comp["speedup_vs_transformers"], need, "x"))
-        if comp and greedy:
-            checks.append(_check(f"{rec['label']}: compiled, fraction of memory roofline", comp["fraction_of_roofline"], 0.8, ""))
-        if comp and stat:
-            checks.append(_check(f"{rec['label']}: static / compiled speed", comp["seconds_median"] / stat["seconds_median"], 1.0, "x"))
-        for r in rec["runs"]:
-            if r["schedule"] != "vanilla" and r["speedup_over_ideal"] is not None and greedy:
-                checks.append(_check(f"{rec['label']}: {r['runner']} {r['schedule']} speedup / ideal",
-                                     r["speedup_over_ideal"], 0.9, ""))
-    return checks
-
-
-def _check(name: str, value: float, need: float, unit: str) -> dict:
-    return {"check": name, "value": value, "target": need, "unit": unit, "met": bool(value >= need)}
+        for t in targets:
+            if any(rec["case"].get(k) != v for k, v in t["case"].items()):
+                continue
+            runner, schedule = t["run"]
+            for (r_runner, r_schedule), run in runs.items():
+                if runner not in ("*", r_runner):
+                    continue
+                if schedule != r_schedule and not (schedule == "*" and r_schedule != "vanilla"):
+                    continue
+                value = run.get(t["value"])
+                if "over" in t:
+                    base = (runs.get(tuple(t["over"])) or {}).get(t["value"])
+                    value = value / base if value is not None and base else None
+                if value is None:
+                    continue
+                named = f"{r_runner} {r_schedule} " if "*" in (runner, schedule) else ""
+                figures.append({"name": f"{rec['label']}: {named}{t['name']}", "value": value, "target": t["target"],
+                                "unit": t.get("unit", "x"), "of_target": value / t["target"]})
+    return figures
 
 
 # --- printing ----------------------------------------------------------------------
@@ -552,7 +567,7 @@ def _case_title(rec: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The results as plain text: one table per case, then the target checks."""
+    """The results as plain text: one table per case, then the figures against their targets."""
     lines = [f"hsd-jax bench: {result['suite']} on {result['environment']['device']}, "
              f"medians of {result['repeats']}"]
     for rec in result["cases"]:
@@ -569,8 +584,8 @@ def format_table(result: dict) -> str:
                 lines.append("  " + "  ".join("-" * w for w in widths))
     if _any_noisy(result):
         lines += ["", _NOISY_NOTE]
-    if result.get("checks"):
-        lines += ["", "targets:"] + ["  " + _check_line(c) for c in result["checks"]]
+    if result.get("targets"):
+        lines += ["", "targets:"] + ["  " + _target_line(f) for f in result["targets"]]
     return "\n".join(lines)
 
 
@@ -582,10 +597,12 @@ def _any_noisy(result: dict) -> bool:
     return any(r.get("spread", 1.0) > NOISY for rec in result["cases"] for r in rec.get("runs", []))
 
 
-def _check_line(c: dict) -> str:
-    value = f"{c['value']:.2f}{c['unit']}" if c["unit"] else f"{100 * c['value']:.0f}%"
-    need = f"{c['target']:.2f}{c['unit']}" if c["unit"] else f"{100 * c['target']:.0f}%"
-    return f"{'met ' if c['met'] else 'MISS'}  {c['check']}: {value} (target >= {need})"
+def _target_line(f: dict) -> str:
+    """One target's figure as the report prints it, e.g. "...: 1.42x, target 2.00x (71% of it)"."""
+    def show(x):
+        return f"{100 * x:.0f}%" if f["unit"] == "%" else f"{x:.2f}{f['unit']}"
+
+    return f"{f['name']}: {show(f['value'])}, target {show(f['target'])} ({100 * f['of_target']:.0f}% of it)"
 
 
 def print_table(result: dict) -> None:
@@ -612,8 +629,10 @@ def print_table(result: dict) -> None:
             console.print(f"  {note}", markup=False)
     if _any_noisy(result):
         console.print(_NOISY_NOTE, markup=False)
-    for c in result.get("checks", []):
-        console.print(_check_line(c), markup=False)
+    if result.get("targets"):
+        console.print("targets:", markup=False)
+    for f in result.get("targets", []):
+        console.print("  " + _target_line(f), markup=False)
 
 
 def _rich_table(rec: dict, table_type):
@@ -634,40 +653,36 @@ def _rich_table(rec: dict, table_type):
 
 
 def load_suites(path=None) -> tuple[dict, dict]:
-    """(SUITES, SCHEDULES) from eval/bench_suites.py of the source tree, or from `path`."""
+    """(SUITES, SCHEDULES): the package's (`hsd_jax.bench_suites`, installed with it), or
+    those of the Python file `path` that defines them in the same form."""
     import importlib.util
     from pathlib import Path
 
     if path is None:
-        candidates = [Path(__file__).resolve().parents[1] / "eval" / "bench_suites.py",
-                      Path.cwd() / "eval" / "bench_suites.py"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise HsdError("eval/bench_suites.py not found (it ships with the source tree); run from a checkout "
-                           "or pass --suites-file")
+        from hsd_jax import bench_suites
+
+        return bench_suites.SUITES, bench_suites.SCHEDULES
     path = Path(path)
     if not path.is_file():
         raise HsdError(f"suites file {path} does not exist")
     spec = importlib.util.spec_from_file_location("hsd_jax_bench_suites", path)
     if spec is None:  # Python imports only .py files
-        raise HsdError(f"suites file {path} is not a Python file; give a .py file like eval/bench_suites.py")
+        raise HsdError(f"suites file {path} is not a Python file; give a .py file like hsd_jax/bench_suites.py")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
         raise HsdError(f"suites file {path}:{err.lineno}: {err.msg}") from None
     if not isinstance(getattr(module, "SUITES", None), dict):
-        raise HsdError(f"suites file {path} defines no SUITES dict (see eval/bench_suites.py for the form)")
+        raise HsdError(f"suites file {path} defines no SUITES dict (see hsd_jax/bench_suites.py for the form)")
     return module.SUITES, getattr(module, "SCHEDULES", {})
 
 
 def _tiny_schedule(spec: str, model: str, tiny_specs: list[str], new_tokens: int) -> str:
     """The first of `tiny_specs` with the method (hsd, skipdecode, ...) that `spec` has on `model`."""
-    from hsd_jax.models import FAMILIES
     from hsd_jax.schedules import resolve
 
-    hf = hf_config(model).to_dict()
-    layers = FAMILIES[hf["model_type"]].config_from_hf(hf).num_layers
+    layers = model_config(model)[1].num_layers
     method = resolve(spec, num_layers=layers, max_new_tokens=new_tokens).spec.partition(":")[0]
     return next((s for s in tiny_specs if s.partition(":")[0] == method), spec)
 

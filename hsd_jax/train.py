@@ -233,63 +233,47 @@ def maybe_initialize_distributed() -> bool:
 
 
 def random_gpt2(spec: str, tokenizer, seed: int):
-    """A LanguageModel with GPT-2 weights drawn as GPT-2 draws them (std 0.02, residual
-    projections 0.02 / sqrt(2 L)); `spec` is a GPT2_PRESETS name or a config.json path."""
+    """A LanguageModel with random weights, of any family in `hsd_jax.models.FAMILIES`
+    (the name is older than that). The weights are drawn as transformers initialises the
+    architecture (`hsd_jax.models.init_params`: normal(0, initializer_range), and for
+    GPT-2 the residual projections at initializer_range / sqrt(2 L)). `spec` is a
+    GPT2_PRESETS name or a config.json path; the file's `model_type` (GPT-2 when it names
+    none, or "phi") picks the family, whose `CONFIG_DEFAULTS` fill the keys it leaves out."""
     import jax
 
     from hsd_jax.checkpoint import LanguageModel, _check_built_config, _check_config, _read_json
-    from hsd_jax.models import gpt2
+    from hsd_jax.models import FAMILIES, init_params
 
     if spec in GPT2_PRESETS:
-        overrides = GPT2_PRESETS[spec]
+        overrides = {"model_type": "gpt2", **GPT2_PRESETS[spec]}
     elif Path(spec).is_file():
         overrides = _read_json(Path(spec))  # a JSON object, or one line saying what the file is
-        if overrides.get("model_type", "gpt2") != "gpt2":
-            raise HsdError(f"random weights are drawn for GPT-2 only, and {spec} has model_type "
-                           f"{overrides.get('model_type')!r}")
     else:
         raise HsdError(f"random:{spec}: give a GPT-2 size ({', '.join(GPT2_PRESETS)}) or a config.json path")
-    hf = {**_GPT2_DEFAULTS, **overrides}
+    model_type = overrides.get("model_type", "gpt2")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise HsdError(f"random weights are drawn for model_type {' or '.join(map(repr, FAMILIES))}, and {spec} "
+                       f"has model_type {model_type!r}")
+    fam = FAMILIES[model_type]
+    hf = {**fam.CONFIG_DEFAULTS, **overrides}
     eos = data_lib.eos_id(tokenizer)
     hf["bos_token_id"] = hf["eos_token_id"] = eos
     # The checks a loaded folder's config.json gets, so a bad size is one line, not a crash in JAX.
     where = Path(spec) if spec not in GPT2_PRESETS else Path(f"random:{spec}")
-    _check_config(hf, gpt2, where)
+    _check_config(hf, fam, where)
+    std = hf.get("initializer_range")
+    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 <= std < math.inf):
+        raise HsdError(f"initializer_range in {where} is {std!r}, not a standard deviation (e.g. 0.02)")
     if len(tokenizer) > hf["vocab_size"]:
         raise HsdError(f"the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
                        f"{hf['vocab_size']}; set vocab_size to at least {len(tokenizer)}")
-    problems = gpt2.check_supported(hf)
+    problems = fam.check_supported(hf)
     if problems:
         raise HsdError(f"config options hsd-jax does not implement: {', '.join(problems)}")
-    config = gpt2.config_from_hf(hf)
+    config = fam.config_from_hf(hf)
     _check_built_config(config, where)
-    return LanguageModel(config=config, params=init_gpt2_params(config, jax.random.key(seed)),
-                         tokenizer=tokenizer, hf_config=hf, source=f"random:{spec}")
-
-
-def init_gpt2_params(config, key):
-    import jax
-    import jax.numpy as jnp
-
-    from hsd_jax.models import gpt2
-
-    std, proj_std = 0.02, 0.02 / math.sqrt(2 * config.num_layers)
-    shapes = gpt2.expected_shapes(config)
-    params: dict = {}
-    for i, (path, shape) in enumerate(sorted(shapes.items())):
-        name = path[-1]
-        if name == "scale":
-            value = jnp.ones(shape, jnp.float32)
-        elif name == "bias":
-            value = jnp.zeros(shape, jnp.float32)
-        else:  # wte, wpe, kernels
-            s = proj_std if path[-2:] == ("c_proj", "kernel") else std
-            value = s * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[name] = value
-    return params
+    params = init_params(config, jax.random.key(seed), initializer_range=std or 0.02)
+    return LanguageModel(config=config, params=params, tokenizer=tokenizer, hf_config=hf, source=f"random:{spec}")
 
 
 BPE_PREFIX = "bpe:"

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         "SkipDecode and HSD with the measured speedup next to the ideal one (weight bytes read per token), "
         "against the memory roofline measured in the same run. Medians of --repeats rounds after a warm-up; "
         "compile time reported apart; EOS disabled, so every run makes exactly --new-tokens tokens. "
-        "Suites are defined in eval/bench_suites.py; docs/benchmarks.md explains every column.",
+        "Suites are defined in hsd_jax/bench_suites.py (installed with the package), with the targets the "
+        "report prints figures against; docs/benchmarks.md explains every column.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # An option left out takes the suite's value: its argparse default is None, which
@@ -44,7 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype, or None for the suite's")
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="where to write the results, atomically, after every case, or None for runs/bench/SUITE.json")
-    p.add_argument("--suites-file", type=Path, metavar="PY", help="suites file, or None for eval/bench_suites.py")
+    p.add_argument("--suites-file", type=Path, metavar="PY",
+                   help="a Python file defining SUITES (and SCHEDULES) in the form of hsd_jax/bench_suites.py, "
+                   "or None for the package's suites")
     p.add_argument("--max-seconds", type=float,
                    help="skip the cases that would start after this many seconds, or None for no limit")
     p.add_argument("--dry-run", action="store_true",
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     before = _modified(path)  # an earlier run's file is not this run's results
     try:
-        result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds)
+        result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds,
+                                 targets=suite.get("targets", ()))
     except KeyboardInterrupt:  # run_suite writes the JSON after every case: say where the finished ones are
         kept = f"the finished cases are in {path}" if _modified(path) != before else "no case had finished"
         print(f"hsd-jax bench: interrupted; {kept}", file=sys.stderr)

@@ -183,7 +183,15 @@ def decode_step(params, config: ModelConfig, tokens, cache: KVCache, ops):
     return fam.head(params, h, config)[:, -1], cache.advance(new_mask)
 
 
+def init_params(config: ModelConfig, key, *, initializer_range: float = 0.02, dtype=jnp.float32):
+    """Random weights for `config`, drawn by its family's `init` as transformers
+    initialises that architecture (normal(0, initializer_range) kernels and embeddings,
+    zero biases, unit norm scales; GPT-2 also scales its residual projections), in the
+    stacked layout `checkpoint.params_from_tensors` produces."""
+    return family(config).init(config, key, initializer_range=initializer_range, dtype=dtype)
+
+
 __all__ = [
     "FAMILIES", "RUN", "PROPAGATE", "SKIP", "Context", "KVCache", "ModelConfig",
-    "context", "decode_layout", "decode_step", "family", "forward", "run_layers",
+    "context", "decode_layout", "decode_step", "family", "forward", "init_params", "run_layers",
 ]

@@ -6,8 +6,11 @@ its weight as (in, out), so unlike `nn.Linear` nothing needs transposing.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from hsd_jax.models.common import (
     ACTIVATIONS,
@@ -52,6 +55,12 @@ TRANSPOSED: frozenset[str] = frozenset()  # Conv1D weights are already (in, out)
 LAYERS_KEY, HEADS_KEY, WIDTH_KEY = "n_layer", "n_head", "n_embd"
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 OPTIONAL_SIZE_KEYS = ("n_inner",)
+# config.json of a GPT-2 made from scratch (`random:` in hsd_jax.train): transformers'
+# GPT2Config defaults, the keys a config file leaves out.
+CONFIG_DEFAULTS = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=50257, n_positions=1024,
+                       n_embd=768, n_layer=12, n_head=12, n_inner=None, activation_function="gelu_new",
+                       resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
+                       initializer_range=0.02, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -105,6 +114,44 @@ def expected_shapes(c: ModelConfig) -> dict[tuple, tuple]:
     }
     shapes.update({("layers", *k): (c.num_layers, *v) for k, v in per_layer.items()})
     return shapes
+
+
+def init(c: ModelConfig, key, *, initializer_range: float = 0.02, dtype=jnp.float32):
+    """Random weights drawn as transformers initialises `GPT2LMHeadModel`, in the stacked
+    layout of `expected_shapes` (that `checkpoint.params_from_tensors` loads).
+
+    Kernels, `wte` and `wpe` ~ normal(0, initializer_range); the residual projections
+    (`attn.c_proj` and `mlp.c_proj` kernels) ~ normal(0, initializer_range / sqrt(2 L)),
+    GPT-2's scaled init; biases 0, LayerNorm scales 1. Leaf i of the sorted shapes draws
+    from `fold_in(key, i)` in float32 (then cast to `dtype`), so a seed gives the same
+    weights as it always has (a resumed run checks them).
+    """
+    std = initializer_range or 0.02  # transformers' fallback for a null initializer_range
+    residual = std / math.sqrt(2 * c.num_layers)
+
+    def draw(path, shape, key):
+        if path[-1] == "scale":
+            return jnp.ones(shape, dtype)
+        if path[-1] == "bias":
+            return jnp.zeros(shape, dtype)
+        s = residual if path[-2:] == ("c_proj", "kernel") else std
+        return (s * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    shapes = sorted(expected_shapes(c).items())
+    return traverse_util.unflatten_dict(
+        {path: draw(path, shape, jax.random.fold_in(key, i)) for i, (path, shape) in enumerate(shapes)})
+
+
+def head_params(params) -> dict:
+    """The weights `head` reads: the final LayerNorm and the tied output matrix, `wte`."""
+    return {"ln_f": params["ln_f"], "wte": params["wte"]}
+
+
+def kv_params(p, c: ModelConfig) -> dict:
+    """The weights of one layer (stacked layout, one layer's slice) that `kv` reads:
+    `ln_1` and the K/V columns of `c_attn` with their bias."""
+    a = p["attn"]["c_attn"]
+    return {"ln_1": p["ln_1"], "c_attn": {"kernel": a["kernel"][:, c.hidden_size:], "bias": a["bias"][c.hidden_size:]}}
 
 
 def embed(params, tokens, positions, c: ModelConfig):

@@ -8,7 +8,9 @@ shared LayerNorm output, and an untied LM head with a bias. `nn.Linear` stores
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from hsd_jax.models.common import (
     ACTIVATIONS,
@@ -52,6 +54,13 @@ TRANSPOSED = frozenset(
 LAYERS_KEY, HEADS_KEY, WIDTH_KEY = "num_hidden_layers", "num_attention_heads", "hidden_size"
 SIZE_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
 OPTIONAL_SIZE_KEYS = ("max_position_embeddings",)
+# config.json of a Phi made from scratch (`random:` in hsd_jax.train): transformers'
+# PhiConfig defaults, the keys a config file leaves out.
+CONFIG_DEFAULTS = dict(model_type="phi", architectures=["PhiForCausalLM"], vocab_size=51200, hidden_size=2048,
+                       intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, resid_pdrop=0.0,
+                       embd_pdrop=0.0, attention_dropout=0.0, hidden_act="gelu_new", max_position_embeddings=2048,
+                       initializer_range=0.02, layer_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
+                       partial_rotary_factor=0.5, qk_layernorm=False, bos_token_id=1, eos_token_id=2)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -109,6 +118,44 @@ def expected_shapes(c: ModelConfig) -> dict[tuple, tuple]:
     })
     shapes.update({("layers", *k): (c.num_layers, *s) for k, s in per_layer.items()})
     return shapes
+
+
+def init(c: ModelConfig, key, *, initializer_range: float = 0.02, dtype=jnp.float32):
+    """Random weights drawn as transformers initialises `PhiForCausalLM`, in the stacked
+    layout of `expected_shapes` (that `checkpoint.params_from_tensors` loads).
+
+    Every kernel (the LM head's too) and `embed_tokens` ~ normal(0, initializer_range),
+    with the padding token's embedding row zeroed when the config names one (as
+    `nn.Embedding(padding_idx=...)` is); biases 0, LayerNorm scales 1. Leaf i of the
+    sorted shapes draws from `fold_in(key, i)` in float32, then is cast to `dtype`.
+    """
+    std = initializer_range or 0.02  # transformers' fallback for a null initializer_range
+
+    def draw(path, shape, key):
+        if path[-1] == "scale":
+            return jnp.ones(shape, dtype)
+        if path[-1] == "bias":
+            return jnp.zeros(shape, dtype)
+        value = std * jax.random.normal(key, shape, jnp.float32)
+        if path == ("embed_tokens",) and c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size:
+            value = value.at[c.pad_token_id].set(0.0)
+        return value.astype(dtype)
+
+    shapes = sorted(expected_shapes(c).items())
+    return traverse_util.unflatten_dict(
+        {path: draw(path, shape, jax.random.fold_in(key, i)) for i, (path, shape) in enumerate(shapes)})
+
+
+def head_params(params) -> dict:
+    """The weights `head` reads: the final LayerNorm and the LM head with its bias."""
+    return {"final_layernorm": params["final_layernorm"], "lm_head": params["lm_head"]}
+
+
+def kv_params(p, c: ModelConfig) -> dict:
+    """The weights of one layer (stacked layout, one layer's slice) that `kv` reads: the
+    input LayerNorm and the K and V projections."""
+    attn = p["self_attn"]
+    return {"input_layernorm": p["input_layernorm"], "k_proj": attn["k_proj"], "v_proj": attn["v_proj"]}
 
 
 def embed(params, tokens, positions, c: ModelConfig):

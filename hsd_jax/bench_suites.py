@@ -1,10 +1,26 @@
 """Benchmark suites for `hsd-jax bench --suite NAME` (see docs/benchmarks.md).
 
+Part of the package, so an installed `hsd-jax bench` has them without a checkout.
 A suite crosses its models x prompt lengths x (batch, beams) settings; every case
 times vanilla under `runners` and each of the model's `SCHEDULES` under
 `schedule_runners` (only for the settings in `schedule_settings`, when given).
 Command-line flags replace any axis (--model, --prompt, --batch/--beams,
---schedules, --runners, --repeats, --dtype). Pure data: no imports.
+--schedules, --runners, --repeats, --dtype). `--suites-file PY` reads a Python file
+of your own that defines `SUITES` (and `SCHEDULES`) in this form instead.
+
+A suite's `targets` are figures the report prints next to a target value, for every
+case and run a target applies to:
+  name    what the figure is, in the report line
+  case    the case fields it applies to (model, dtype, batch, prompt_len, num_beams)
+  run     (runner, schedule) of the run the figure comes from; "*" for the runner means
+          every runner, for the schedule every schedule but vanilla (the line then
+          names the run)
+  value   the run's field in the JSON (speedup_vs_transformers, fraction_of_roofline,
+          tokens_per_second, speedup_over_ideal, ...)
+  over    optional (runner, schedule): the figure is value(run) / value(over)
+  target  the value aimed for; unit "x" (a ratio) or "%" (a fraction, printed as %)
+The report prints the figures; tests/test_bench.py asserts the ones that must hold.
+Pure data: no imports.
 """
 
 # Schedules compared with vanilla, per architecture. The 36/32-layer models use the
@@ -19,6 +35,22 @@ SCHEDULES = {
     "tiny-phi": ["skipdecode:min=1,max=2", "hsd:s=1,min=0,max=2"],
 }
 
+# The speed targets set for this project on CPU, stated on GPT-2 small, float32, batch 1,
+# prompt 32 (docs/performance.md#results-and-targets says which were met and why not).
+_GPT2_SMALL = {"model": "gpt2", "dtype": "float32", "batch": 1, "prompt_len": 32}
+CPU_TARGETS = [
+    {"name": "compiled vs transformers", "case": {**_GPT2_SMALL, "num_beams": 1}, "run": ("compiled", "vanilla"),
+     "value": "speedup_vs_transformers", "target": 2.0, "unit": "x"},
+    {"name": "compiled vs transformers", "case": {**_GPT2_SMALL, "num_beams": 4}, "run": ("compiled", "vanilla"),
+     "value": "speedup_vs_transformers", "target": 3.0, "unit": "x"},
+    {"name": "compiled, fraction of memory roofline", "case": {**_GPT2_SMALL, "num_beams": 1},
+     "run": ("compiled", "vanilla"), "value": "fraction_of_roofline", "target": 0.8, "unit": "%"},
+    {"name": "static / compiled speed", "case": _GPT2_SMALL, "run": ("static", "vanilla"),
+     "over": ("compiled", "vanilla"), "value": "tokens_per_second", "target": 1.0, "unit": "x"},
+    {"name": "speedup / ideal", "case": {**_GPT2_SMALL, "num_beams": 1}, "run": ("*", "*"),
+     "value": "speedup_over_ideal", "target": 0.9, "unit": "%"},
+]
+
 SUITES = {
     # A few minutes on a laptop-class CPU: the figures the CPU targets are stated on.
     "quick": {
@@ -32,6 +64,7 @@ SUITES = {
         "schedule_settings": [(1, 1)],
         "schedule_count": 2,  # the first two of the model's SCHEDULES
         "repeats": 3,
+        "targets": CPU_TARGETS,
     },
     # Everything, on CPU (hours on 2 cores: GPT-2 large and Phi-2 at prompt 512).
     "full": {
@@ -43,6 +76,7 @@ SUITES = {
         "runners": ["transformers", "eager", "compiled", "static"],
         "schedule_runners": ["compiled", "static"],
         "repeats": 3,
+        "targets": CPU_TARGETS,
     },
     # One H200, under 8 minutes (eval/bench_gpu.sh): compiled (a lax.switch per layer,
     # each a host sync on GPU) against static (straight-line segments), vanilla and HSD.
