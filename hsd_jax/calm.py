@@ -12,10 +12,9 @@ filled by state propagation (the family's `kv` of the exited hidden state), so l
 steps that run those layers attend to a complete cache. The token's logits are the
 exit layer's.
 
-Three forms over the same primitives (the family's `block`, `kv` and `head`), all
-reading the weights in the decode layout of the schedule loop
-(`hsd_jax.models.decode_layout`, made once per set of weights by
-`hsd_jax.generate._decode_params`), prefill included:
+CALM is a step strategy of the decode engine (`CalmSteps`, see `hsd_jax.engine`), in
+three forms over the same primitives (the family's `block`, `kv` and `head`), all
+reading the weights in the decode layout (`hsd_jax.models.decode_layout`):
 
 - compiled: the step unrolls the layers, each a `lax.cond` on whether the step has
   exited (run the layer, or propagate its K/V), then a `lax.cond` that runs the LM
@@ -37,7 +36,7 @@ from float rounding).
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +125,7 @@ def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, 
 
 
 def calm_step(config: ModelConfig, thresholds, min_exit):
-    """A decode-loop step (`hsd_jax.generate.StepFn`) that exits early, CALM style.
+    """A decode-loop step (`hsd_jax.engine.StepFn`) that exits early, CALM style.
 
     thresholds: (N,) float32 (traced or not), indexed by the decode step t.
     """
@@ -170,48 +169,29 @@ def eager_step(params, config: ModelConfig, tokens, cache: KVCache, threshold: f
     return logits, cache.advance(new_mask), n
 
 
-def calm_program(lm, calm: CalmConfig, search, mode: str, shape, cache_len: int):
-    """(run, extra args, compile seconds) for a CALM decode, as `generate._program` wants.
+@dataclasses.dataclass(frozen=True)
+class CalmSteps:
+    """CALM as a step strategy of the decode engine (`hsd_jax.engine.Strategy`).
 
-    "static" gets the compiled program (CALM has no schedule to bake in); "eager" the
-    host-side twin. Both read the weights' decode layout, made once per set of weights
-    (`generate._decode_params`); making it counts as compile time. The compiled
+    "static" runs the compiled program too (CALM has no schedule to bake in). The
     program is keyed without lambda, tau or min_exit: they are arguments, so changing
     them does not recompile.
     """
-    g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
 
-    config = lm.config
-    thresholds = step_thresholds(calm, search.max_new_tokens)
-    layout_seconds = g._layout_seconds(lm.params)
-    if mode == "eager":
-        return _eager(config, search, thresholds, calm.min_exit, cache_len), (), layout_seconds
+    calm: CalmConfig
+    max_new_tokens: int
 
-    def run(params, decode_params, ids, mask, thresholds, min_exit):
-        state, layers = g._prefill(decode_params, config, search, ids, mask, cache_len)
-        step = calm_step(config, thresholds, min_exit)
-        state, layers = g._loop(decode_params, search, state, layers, step)
-        return g._finish(search, state, layers)
+    def program_key(self):
+        return ("calm",)
 
-    key = ("calm", config, g._dtype(lm.params), search, shape, cache_len)
-    args = (jnp.asarray(thresholds), jnp.asarray(calm.min_exit, jnp.int32))
-    program, args, seconds = g._compile(key, run, lm.params, shape, args, decode=True)
-    return program, args, seconds + layout_seconds
+    def arguments(self) -> tuple:
+        return (jnp.asarray(self._thresholds()), jnp.asarray(self.calm.min_exit, jnp.int32))
 
+    def decode(self, params, config, search, state, step_layers, loop, thresholds, min_exit):
+        return loop(params, search, state, step_layers, calm_step(config, thresholds, min_exit))
 
-def _eager(config: ModelConfig, search, thresholds: np.ndarray, min_exit: int, cache_len: int):
-    g = importlib.import_module("hsd_jax.generate")  # the module (hsd_jax.generate is also a function)
+    def eager_step(self, params, config, tokens, cache, t, live):
+        return eager_step(params, config, tokens, cache, self._thresholds()[t], self.calm.min_exit, live)
 
-    def run(params, ids, mask):
-        params = g._decode_params(params)[0]  # each layer's weights apart, made once
-        state, layers = g._prefill(params, config, search, ids, mask, cache_len)
-        layers = np.array(layers)  # writable host copy
-        while not bool(search.done(state)):
-            t = int(state.i) - 1
-            logits, cache, n = eager_step(params, config, search.last_tokens(state), state.cache,
-                                          thresholds[t], min_exit, search.live(state))
-            state = search.update(state.replace(cache=cache), logits)
-            layers[t + 1] = n
-        return search.best(state), jnp.asarray(layers), state.i
-
-    return run
+    def _thresholds(self) -> np.ndarray:
+        return step_thresholds(self.calm, self.max_new_tokens)

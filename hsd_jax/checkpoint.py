@@ -1,18 +1,16 @@
-"""Hugging Face checkpoints <-> stacked JAX parameter pytrees.
+"""Hugging Face checkpoints <-> the NNX models (`hsd_jax.models.modules`).
 
 `load` reads a local folder or a hub id the way transformers does (config.json plus
 model.safetensors, sharded safetensors, or pytorch_model.bin); `save_pretrained`
 writes a folder that transformers loads back. The per-family name maps live in the
-family modules (`LAYER_WEIGHTS`, `GLOBAL_WEIGHTS`, `TRANSPOSED`).
+families (`hsd_jax.models.family.Family`: `layer_weights`, `global_weights`, `transposed`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,38 +18,18 @@ import numpy as np
 
 from hsd_jax.errors import HsdError
 from hsd_jax.io import atomic_path, write_json
-from hsd_jax.models import FAMILIES, ModelConfig, family, forward
+from hsd_jax.models import FAMILIES, ModelConfig, family, stacked_layout
 from hsd_jax.models.common import ACTIVATIONS
+from hsd_jax.models.modules import CausalLM, model_class
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-@dataclasses.dataclass
-class LanguageModel:
-    """A loaded causal LM: its config, stacked parameters and (optional) tokenizer."""
-
-    config: ModelConfig
-    params: Any
-    tokenizer: Any = None
-    hf_config: dict = dataclasses.field(default_factory=dict)
-    source: str = ""
-
-    def forward(self, input_ids, attention_mask=None) -> jax.Array:
-        """float32 logits (B, T, V) from all layers; positions follow the mask."""
-        ids = jnp.asarray(input_ids, jnp.int32)
-        if ids.ndim != 2:
-            raise HsdError(f"input_ids must be (batch, time), got shape {tuple(ids.shape)}")
-        mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
-        return _jit_forward(self.params, self.config, ids, mask)
-
-
-def _forward_logits(params, config, ids, mask):
-    return forward(params, config, ids, mask)[0]
-
-
-_jit_forward = jax.jit(_forward_logits, static_argnums=1)
+# The model class every family's module derives from; the name hsd-jax used before its
+# models were NNX modules (it still builds a model of any family).
+LanguageModel = CausalLM
 
 
 def _resolve_folder(model: str | os.PathLike) -> Path:
@@ -151,17 +129,17 @@ def _read_json(path: Path) -> dict:
 def _check_config(hf: dict, fam, config_path: Path) -> None:
     """Sizes that are not positive integers, and heads that do not split the width, fail
     here with the key's name rather than as a crash inside JAX."""
-    for key in fam.SIZE_KEYS + fam.OPTIONAL_SIZE_KEYS:
-        if key not in hf or (hf[key] is None and key in fam.OPTIONAL_SIZE_KEYS):
+    for key in fam.size_keys + fam.optional_size_keys:
+        if key not in hf or (hf[key] is None and key in fam.optional_size_keys):
             continue  # a missing required key is reported by config_from_hf's KeyError
         value = hf[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HsdError(f"{key} in {config_path} is {value!r}, not a positive whole number: "
                            "write it as an integer, without quotes or a decimal point")
-    heads, width = hf.get(fam.HEADS_KEY), hf.get(fam.WIDTH_KEY)
+    heads, width = hf.get(fam.heads_key), hf.get(fam.width_key)
     if heads is not None and width is not None and width % heads:
-        raise HsdError(f"{fam.HEADS_KEY} = {heads} does not divide {fam.WIDTH_KEY} = {width} in {config_path}: "
-                       f"each attention head gets {fam.WIDTH_KEY} / {fam.HEADS_KEY} dims; "
+        raise HsdError(f"{fam.heads_key} = {heads} does not divide {fam.width_key} = {width} in {config_path}: "
+                       f"each attention head gets {fam.width_key} / {fam.heads_key} dims; "
                        "use the config.json these weights were saved with")
 
 
@@ -186,15 +164,15 @@ def _check_built_config(config: ModelConfig, config_path: Path) -> None:
 
 def _canonical_names(tensors: dict[str, np.ndarray], fam) -> dict[str, np.ndarray]:
     """Accepts both "transformer.wte.weight" and "wte.weight" (GPT-2's hub checkpoints)."""
-    if not fam.OPTIONAL_PREFIX:
+    if not fam.optional_prefix:
         return tensors
-    return {k if k.startswith(fam.OPTIONAL_PREFIX) or k.startswith("lm_head") else fam.OPTIONAL_PREFIX + k: v
+    return {k if k.startswith(fam.optional_prefix) or k.startswith("lm_head") else fam.optional_prefix + k: v
             for k, v in tensors.items()}
 
 
 def _layers_in(tensors: dict[str, np.ndarray], fam) -> int:
     """How many layers the weights hold: one more than the highest layer index."""
-    prefix = fam.LAYER_PREFIX.split("{}")[0]
+    prefix = fam.layer_prefix.split("{}")[0]
     indices = [name[len(prefix):].split(".")[0] for name in tensors if name.startswith(prefix)]
     return max((int(i) + 1 for i in indices if i.isdigit()), default=0)
 
@@ -203,8 +181,8 @@ def _check_layer_count(tensors: dict[str, np.ndarray], config: ModelConfig, fam,
     """The weights must hold exactly the config's layers: extra ones would be silently ignored."""
     found = _layers_in(_canonical_names(tensors, fam), fam)
     if found and found != config.num_layers:
-        raise HsdError(f"the weights in {config_path.parent} hold {found} layers but {fam.LAYERS_KEY} in "
-                       f"{config_path} is {config.num_layers}: set {fam.LAYERS_KEY} to {found} "
+        raise HsdError(f"the weights in {config_path.parent} hold {found} layers but {fam.layers_key} in "
+                       f"{config_path} is {config.num_layers}: set {fam.layers_key} to {found} "
                        "(or use the config.json these weights were saved with)")
 
 
@@ -226,14 +204,14 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, dty
             missing.append(name)
             return None
         value = np.asarray(tensors[name])
-        return value.T if suffix in fam.TRANSPOSED else value
+        return value.T if suffix in fam.transposed else value
 
-    for name, path in fam.GLOBAL_WEIGHTS.items():
+    for name, path in fam.global_weights.items():
         value = take(name, name)
         if value is not None:
             _set(params, path, value)
-    for suffix, path in fam.LAYER_WEIGHTS.items():
-        per_layer = [take(fam.LAYER_PREFIX.format(i) + suffix, suffix) for i in range(config.num_layers)]
+    for suffix, path in fam.layer_weights.items():
+        per_layer = [take(fam.layer_prefix.format(i) + suffix, suffix) for i in range(config.num_layers)]
         if all(v is not None for v in per_layer):
             shapes = {v.shape for v in per_layer}
             if len(shapes) != 1:
@@ -255,7 +233,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, dty
 def tensors_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
     """The inverse map: checkpoint names -> numpy arrays, in the layout transformers expects."""
     fam = family(config)
-    params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
+    params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), stacked_layout(params))
 
     def get(path):
         node = params
@@ -264,15 +242,15 @@ def tensors_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
         return node
 
     out = {}
-    for name, path in fam.GLOBAL_WEIGHTS.items():
+    for name, path in fam.global_weights.items():
         value = get(path)
-        out[name] = np.ascontiguousarray(value.T if name in fam.TRANSPOSED else value)
-    for suffix, path in fam.LAYER_WEIGHTS.items():
+        out[name] = np.ascontiguousarray(value.T if name in fam.transposed else value)
+    for suffix, path in fam.layer_weights.items():
         stacked = get(("layers", *path))
         for i in range(config.num_layers):
             value = stacked[i]
-            out[fam.LAYER_PREFIX.format(i) + suffix] = np.ascontiguousarray(
-                value.T if suffix in fam.TRANSPOSED else value)
+            out[fam.layer_prefix.format(i) + suffix] = np.ascontiguousarray(
+                value.T if suffix in fam.transposed else value)
     return out
 
 
@@ -307,7 +285,7 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
     tensors = _read_tensors(folder)
     _check_layer_count(tensors, config, fam, config_path)
     params = params_from_tensors(tensors, config, _DTYPES[dtype])
-    return LanguageModel(config=config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
+    return model_class(config)(config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
 
 
 _BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 BPE tokenizer without tokenizer.json needs both
@@ -356,7 +334,7 @@ def save_pretrained(lm: LanguageModel, folder: str | os.PathLike) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = tensors_from_params(lm.params, lm.config)
+    tensors = tensors_from_params(lm.params, lm.config)  # either layout
     hf = dict(lm.hf_config)
     hf["torch_dtype"] = "float32"
     with atomic_path(folder / "model.safetensors") as tmp:

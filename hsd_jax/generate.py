@@ -1,6 +1,8 @@
-"""`generate`: prefill, then a decode loop whose layers follow a schedule.
+"""`generate`: prompts in, tokens out, under a layer-skip schedule or CALM.
 
-One loop, three ways to run it (the same tokens from each):
+The decoding itself is the model's decode engine (`hsd_jax.engine.Decoder`, owned by
+the model): prefill, then one loop whose step follows the schedule, in one of three
+modes that give the same tokens:
 
 - ``compiled``: one jitted program; the schedule's op table (RUN / PROPAGATE / SKIP
   per step and layer) is an *argument*, and each layer is a `lax.switch` on its op,
@@ -11,7 +13,9 @@ One loop, three ways to run it (the same tokens from each):
 - ``eager``: a plain Python loop over steps and layers, calling the same layer
   primitive op by op — the reference the compiled forms are checked against.
 
-CALM plugs into the same loop with a step that decides its exit at run time.
+CALM is another step strategy of the same loop (`hsd_jax.calm.CalmSteps`), deciding
+its exits at run time. This module checks the inputs, pads the prompts, picks the
+strategy and turns the engine's arrays into a `Generation`.
 """
 
 from __future__ import annotations
@@ -20,20 +24,20 @@ import dataclasses
 import math
 import time
 import warnings
-import weakref
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsd_jax.checkpoint import LanguageModel
+from hsd_jax.calm import CalmSteps
+from hsd_jax.engine import MODES, ScheduleSteps
 from hsd_jax.errors import HsdError
-from hsd_jax.models import RUN, KVCache, ModelConfig, decode_layout, decode_step, forward
+from hsd_jax.models import family
+from hsd_jax.models.modules import CausalLM as LanguageModel
 from hsd_jax.schedules import CalmConfig, Schedule, resolve
 from hsd_jax.search import make_search
 
-MODES = ("compiled", "static", "eager")
 DEFAULT_MAX_NEW_TOKENS = 64
 _DEFAULT = object()  # "the model's own EOS"; None means "never stop early"
 
@@ -117,18 +121,21 @@ def generate(
     mode = _static_or_compiled(sched, mode)
     ids, mask = _left_pad(rows, pad, pad_to_multiple_of, limit=config.max_position - max_new_tokens)
     cache_len = ids.shape[1] + max_new_tokens
-    if config.model_type == "gpt2" and cache_len > config.max_position:
+    if family(config).learned_positions and cache_len > config.max_position:
         raise HsdError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
                        f"the model's {config.max_position} positions; shorten the prompt or max_new_tokens")
     search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
 
-    run, args, compile_seconds = _program(lm, sched, search, mode, ids.shape, cache_len)
-    start = time.perf_counter()
-    tokens, step_layers, steps = jax.block_until_ready(run(lm.params, jnp.asarray(ids), jnp.asarray(mask), *args))
-    decode_seconds = time.perf_counter() - start
+    strategy = CalmSteps(sched, max_new_tokens) if isinstance(sched, CalmConfig) \
+        else ScheduleSteps(sched, static=mode == "static")
+    start, converting = time.perf_counter(), lm.layout != "decode"
+    params = lm.to_layout("decode").params  # once per model: the decode layout replaces the stacked weights
+    layout_seconds = time.perf_counter() - start if converting else 0.0  # counted as compile time
+    out = lm.decoder.decode(params, strategy, search, ids, mask, cache_len, mode)
+    compile_seconds, decode_seconds = out.compile_seconds + layout_seconds, out.decode_seconds
 
-    tokens, step_layers, steps = np.asarray(tokens), np.asarray(step_layers), int(steps)
+    tokens, step_layers, steps = out.tokens, out.step_layers, out.steps
     sequences, layers = [], []
     for row in tokens:
         n = _length(row[:steps], eos)
@@ -185,8 +192,8 @@ def _check_fit(lm: LanguageModel, rows: list[list[int]], start: int, max_new_tok
     """The first of `rows` (the prompts from number `start` on) that GPT-2's learned positions
     cannot hold with `max_new_tokens` after it, as an HsdError counting prompts from 1."""
     limit = lm.config.max_position
-    if lm.config.model_type != "gpt2" or not isinstance(max_new_tokens, int):
-        return  # Phi's rotary positions have no table to run past; generate checks the type
+    if not family(lm.config).learned_positions or not isinstance(max_new_tokens, int):
+        return  # rotary positions have no table to run past; generate checks the type
     for i, row in enumerate(rows, start + 1):
         if len(row) + max_new_tokens > limit:
             raise HsdError(f"prompt {i} of {start + len(rows)} is {len(row)} tokens, and with max_new_tokens "
@@ -279,189 +286,3 @@ def _left_pad(rows: list[list[int]], pad: int, multiple: int = 1, limit: int | N
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = True
     return ids, mask
-
-
-# --- the decode loop ------------------------------------------------------------------
-
-# A step function: (params, last tokens (R,), cache, decode step t, live rows (R,) bool)
-# -> (logits (R, V), cache, layers run). Only CALM's exit test looks at the live rows.
-StepFn = Callable[[Any, jax.Array, KVCache, Any, jax.Array], tuple[jax.Array, KVCache, jax.Array]]
-
-
-def _dtype(params):
-    return jax.tree.leaves(params)[0].dtype
-
-
-def _prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
-    cache = KVCache.init(config, ids.shape[0], cache_len, _dtype(params))
-    # An all-false `valid` is a constant that XLA would fold through the prompt's
-    # (B, H, T, S) cache attention scores, slowly (8 s of compile at a 512-token
-    # prompt); the barrier keeps it a value.
-    cache = cache.replace(valid=jax.lax.optimization_barrier(cache.valid))
-    logits, cache = forward(params, config, ids, mask, cache, last_only=True)
-    # Each prompt is run once; beam search then copies its cache and logits to its beams.
-    logits = jnp.repeat(logits[:, -1], search.num_beams, axis=0)
-    state = search.update(search.init(cache, ids.shape[0]), logits)
-    step_layers = jnp.zeros((search.max_new_tokens,), jnp.int32).at[0].set(config.num_layers)
-    return state, step_layers
-
-
-def _loop(params, search, state, step_layers, step: StepFn, until: int | None = None):
-    """Decode steps while the search is not done (and, if given, step < `until`)."""
-
-    def cond(carry):
-        state, _ = carry
-        more = ~search.done(state)
-        return more if until is None else more & (state.i - 1 < until)
-
-    def body(carry):
-        state, step_layers = carry
-        t = state.i - 1  # decode step t consumes token t and produces token t + 1
-        logits, cache, n = step(params, search.last_tokens(state), state.cache, t, search.live(state))
-        state = search.update(state.replace(cache=cache), logits)
-        return state, step_layers.at[t + 1].set(n)
-
-    return jax.lax.while_loop(cond, body, (state, step_layers))
-
-
-def _finish(search, state, step_layers):
-    return search.best(state), step_layers, state.i
-
-
-def _schedule_step(config: ModelConfig, ops_of: Callable[[Any], Any]) -> StepFn:
-    """A decode step that runs the layer ops the schedule gives for step t."""
-
-    def step(params, tokens, cache, t, live):
-        ops = ops_of(t)
-        logits, cache = decode_step(params, config, tokens, cache, ops)
-        n = sum(op == RUN for op in ops) if isinstance(ops, tuple) else jnp.sum(ops == RUN)
-        return logits, cache, jnp.asarray(n, jnp.int32)
-
-    return step
-
-
-_PROGRAMS: dict = {}  # compiled executables, keyed by everything that shapes the program
-
-
-def _program(lm: LanguageModel, sched, search, mode: str, shape, cache_len: int):
-    """Returns (run, extra args, compile seconds) for this schedule, search and mode.
-
-    `run(lm.params, ids, mask, *args)`. The decode loop reads the weights in their
-    decode layout (`hsd_jax.models.decode_layout`), made once per set of weights and
-    kept while they live; making it counts as compile time.
-    """
-    config = lm.config
-    if isinstance(sched, CalmConfig):
-        from hsd_jax.calm import calm_program  # the dynamic variant lives with CALM
-
-        return calm_program(lm, sched, search, mode, shape, cache_len)
-
-    table = sched.layer_ops()
-    layout_seconds = _layout_seconds(lm.params)
-    if mode == "eager":
-        return _eager(config, search, table, cache_len), (), layout_seconds
-
-    if mode == "compiled":
-        def run(params, decode_params, ids, mask, ops):
-            state, layers = _prefill(decode_params, config, search, ids, mask, cache_len)
-            state, layers = _loop(decode_params, search, state, layers, _schedule_step(config, lambda t: ops[t]))
-            return _finish(search, state, layers)
-
-        key = ("compiled", config, _dtype(lm.params), search, shape, cache_len, table.shape)
-        args = (jnp.asarray(table, jnp.int32),)
-    else:  # static: the segments are part of the program
-        segments = tuple((start, stop, tuple(int(op) for op in row)) for start, stop, row in sched.segments())
-
-        def run(params, decode_params, ids, mask):
-            state, layers = _prefill(decode_params, config, search, ids, mask, cache_len)
-            for start, stop, ops in segments:
-                step = _schedule_step(config, lambda t, ops=ops: ops)
-                state, layers = _loop(decode_params, search, state, layers, step, until=stop)
-            return _finish(search, state, layers)
-
-        key = ("static", config, _dtype(lm.params), search, shape, cache_len, segments)
-        args = ()
-    program, args, seconds = _compile(key, run, lm.params, shape, args, decode=True)
-    return program, args, seconds + layout_seconds
-
-
-def _compile(key, run, params, shape, args, decode: bool = False):
-    """Compiles `run(params, ids, mask, *args)` once per key.
-
-    With `decode=True`, `run` takes the decode layout of the weights as its second
-    argument, and the program returned fills it in: it is still called as
-    `program(params, ids, mask, *args)`.
-    """
-    if key in _PROGRAMS:
-        return _PROGRAMS[key], args, 0.0
-    start = time.perf_counter()
-    ids = jax.ShapeDtypeStruct(shape, jnp.int32)
-    mask = jax.ShapeDtypeStruct(shape, jnp.bool_)
-    if decode:
-        compiled = jax.jit(run).lower(params, jax.eval_shape(decode_layout, params), ids, mask, *args).compile()
-        compiled = _WithDecodeLayout(compiled)
-    else:
-        compiled = jax.jit(run).lower(params, ids, mask, *args).compile()
-    _PROGRAMS[key] = compiled
-    return compiled, args, time.perf_counter() - start
-
-
-class _WithDecodeLayout:
-    """A compiled program called as (params, ids, mask, *args); adds the decode layout."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-
-    def __call__(self, params, *rest):
-        return self.compiled(params, _decode_params(params)[0], *rest)
-
-
-# The decode layout of recently used weights: id of their first leaf -> (weak references
-# to all their leaves, decode layout). An entry goes when its weights are freed; at most
-# _DECODE_KEEP are kept (each holds a second copy of a model's weights).
-_DECODE: dict[int, tuple[list, Any]] = {}
-_DECODE_KEEP = 2
-_decode_layout_jit = jax.jit(decode_layout)
-
-
-def _layout_seconds(params) -> float:
-    """Makes (or finds) the decode layout of `params`; the seconds it took if made now."""
-    start = time.perf_counter()
-    fresh = _decode_params(params)[1]
-    return time.perf_counter() - start if fresh else 0.0
-
-
-def _decode_params(params) -> tuple[Any, bool]:
-    """(decode layout of `params`, whether it was made now), cached by the identity of the arrays."""
-    leaves = jax.tree.leaves(params)
-    key = id(leaves[0])
-    hit = _DECODE.get(key)
-    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves)):
-        return hit[1], False
-    if isinstance(params.get("layers"), (tuple, list)) or any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return decode_layout(params), False  # already laid out, or traced: nothing to keep
-    while len(_DECODE) >= _DECODE_KEEP:
-        _DECODE.pop(next(iter(_DECODE)))
-    layout = jax.block_until_ready(_decode_layout_jit(params))
-    refs = [weakref.ref(leaves[0], lambda _, key=key: _DECODE.pop(key, None))]
-    refs += [weakref.ref(x) for x in leaves[1:]]
-    _DECODE[key] = (refs, layout)
-    return layout, True
-
-
-def _eager(config: ModelConfig, search, table: np.ndarray, cache_len: int):
-    """The reference: Python control flow over steps and layers, no jit around them."""
-
-    def run(params, ids, mask):
-        params = _decode_params(params)[0]  # each layer's weights apart, made once
-        state, layers = _prefill(params, config, search, ids, mask, cache_len)
-        layers = np.array(layers)  # writable host copy
-        while not bool(search.done(state)):
-            t = int(state.i) - 1
-            ops = tuple(int(op) for op in table[t])
-            logits, cache = decode_step(params, config, search.last_tokens(state), state.cache, ops)
-            state = search.update(state.replace(cache=cache), logits)
-            layers[t + 1] = sum(op == RUN for op in ops)
-        return search.best(state), jnp.asarray(layers), state.i
-
-    return run

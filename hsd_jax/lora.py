@@ -32,20 +32,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hsd_jax.errors import HsdError
-from hsd_jax.models import ModelConfig
+from hsd_jax.models import ModelConfig, family
 
-# The attention and MLP projections of each family (every kernel inside a layer).
-DEFAULT_TARGETS = {
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "phi": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     rank: int = 16
     alpha: float = 32.0
-    targets: tuple[str, ...] | None = None  # None: DEFAULT_TARGETS of the family
+    targets: tuple[str, ...] | None = None  # None: the family's `lora_targets`
 
     @property
     def scale(self) -> float:
@@ -67,7 +62,7 @@ def resolve_targets(params, config: ModelConfig, lora: LoraConfig) -> list[str]:
     if lora.rank < 1:
         raise HsdError(f"LoRA rank must be at least 1, got {lora.rank}")
     available = layer_kernels(params)
-    wanted = lora.targets or DEFAULT_TARGETS[config.model_type]
+    wanted = lora.targets or family(config).lora_targets
     chosen = []
     for target in wanted:
         hits = [n for n in available if n == target or n.endswith("." + target) or n.startswith(target + ".")]

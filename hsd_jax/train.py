@@ -255,7 +255,7 @@ def random_gpt2(spec: str, tokenizer, seed: int):
         raise HsdError(f"random weights are drawn for model_type {' or '.join(map(repr, FAMILIES))}, and {spec} "
                        f"has model_type {model_type!r}")
     fam = FAMILIES[model_type]
-    hf = {**fam.CONFIG_DEFAULTS, **overrides}
+    hf = {**fam.config_defaults, **overrides}
     eos = data_lib.eos_id(tokenizer)
     hf["bos_token_id"] = hf["eos_token_id"] = eos
     # The checks a loaded folder's config.json gets, so a bad size is one line, not a crash in JAX.

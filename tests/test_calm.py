@@ -133,7 +133,7 @@ def test_static_mode_runs_the_compiled_program(lm):
 @pytest.mark.parametrize("eager", [False, True])
 def test_propagated_cache_entries_are_kv_of_the_exit_state(lm, eager):
     """One decode step with an exit after 2 layers: layers 2.. hold kv() of the layer-2 input."""
-    config, params, fam = lm.config, lm.params, family(lm.config)
+    config, params, fam = lm.config, lm.stacked_params(), family(lm.config)
     L = config.num_layers
     ids = jnp.asarray([[5, 17, 3, 99], [0, 11, 12, 13]], jnp.int32)
     mask = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1]], bool)

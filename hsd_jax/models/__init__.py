@@ -1,8 +1,10 @@
 """Model families and the one layer-range primitive every forward pass goes through.
 
-A family module (`gpt2`, `phi`) supplies pure functions over its parameter pytree:
-`embed`, `block` (one full layer, returning its K/V), `kv` (only the K/V a layer
-would cache: state propagation) and `head`. Everything that runs layers — the full
+A family (`gpt2.FAMILY`, `phi.FAMILY`; the contract is `hsd_jax.models.family.Family`)
+supplies its checkpoint names, config translation, initialiser and pure functions over
+its parameter pytree: `embed`, `block` (one full layer, returning its K/V), `kv` (only
+the K/V a layer would cache: state propagation) and `head`. The NNX model classes that
+hold the weights are in `modules.py`. Everything that runs layers — the full
 forward, prefill, a decode step under any schedule, CALM, a training forward with
 per-position layer masks — calls `run_layers` or `block`/`kv` directly, so there is
 one definition of a layer.
@@ -10,19 +12,21 @@ one definition of a layer.
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from hsd_jax.models import gpt2, phi
 from hsd_jax.models.common import Context, KVCache, ModelConfig, layer_slice
+from hsd_jax.models.family import Family
 from hsd_jax.schedules import PROPAGATE, RUN, SKIP  # what a decode step does with a layer
 
-FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "phi": phi}
+# The registry: config.json's model_type -> its family. A new family adds one entry here.
+FAMILIES: dict[str, Family] = {fam.name: fam for fam in (gpt2.FAMILY, phi.FAMILY)}
 
 
-def family(config: ModelConfig) -> ModuleType:
+def family(config: ModelConfig) -> Family:
     return FAMILIES[config.model_type]
 
 
@@ -147,8 +151,9 @@ def decode_layout(params):
     XLA's CPU backend they stream (out, in) weights faster than (in, out) ones (+15%
     at one row, +40% at four, docs/performance.md), and a layer taken out of the
     stacked (L, ...) arrays inside the loop is a slice that XLA copies before every
-    dot (2-3x the memory traffic). `hsd_jax.generate` makes this copy once per set of
-    weights and keeps it (`_decode_params`); `dense` and the heads read either layout.
+    dot (2-3x the memory traffic). A model is put in this layout once, in place
+    (`CausalLM.to_layout`, with `decode_layout_leaves`), so it never holds both;
+    `dense` and the heads read either layout.
     """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
@@ -158,6 +163,67 @@ def decode_layout(params):
     if "lm_head" in params and "kernel" in params["lm_head"]:
         out["lm_head"] = _transpose_kernels(params["lm_head"])
     return out
+
+
+def decode_layout_leaves(params: dict) -> dict:
+    """`decode_layout(params)` made array by array, emptying `params` (a stacked pytree the
+    caller gives up) as it goes: each stacked array is dropped once its per-layer parts
+    exist, so converting a model costs its weights plus one array, not two copies."""
+    params = dict(params)
+    stacked = dict(params.pop("layers"))
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    layers: list[dict] = [{} for _ in range(n)]
+    for path, leaf in _drain(stacked):
+        name = "kernel_t" if path[-1] == "kernel" else path[-1]
+        for l in range(n):
+            _put(layers[l], (*path[:-1], name), _layer_part(leaf, l, path[-1] == "kernel"))
+        del leaf
+    out = {**params, "layers": tuple(layers)}
+    if "lm_head" in out and "kernel" in out["lm_head"]:
+        out["lm_head"] = _transpose_kernels(out["lm_head"])
+    return out
+
+
+def stacked_layout(params) -> dict:
+    """The inverse of `decode_layout`: per-layer pytrees stacked into (L, ...) arrays,
+    kernels back to (in, out). A stacked pytree is returned as it is."""
+    layers = params["layers"]
+    if not isinstance(layers, (tuple, list)):
+        return params
+    untransposed = [_untranspose_kernels(layer) for layer in layers]
+    out = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *untransposed)}
+    if "lm_head" in out and "kernel_t" in out["lm_head"]:
+        out["lm_head"] = _untranspose_kernels(out["lm_head"])
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _layer_part(leaf, layer: int, transpose: bool):
+    return leaf[layer].T if transpose else leaf[layer]
+
+
+def _drain(tree: dict, prefix: tuple = ()):
+    """(path, leaf) of a nested dict, popping each as it is given out."""
+    for key in list(tree):
+        value = tree.pop(key)
+        if isinstance(value, dict):
+            yield from _drain(dict(value), (*prefix, key))
+        else:
+            yield (*prefix, key), value
+        del value
+
+
+def _put(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _untranspose_kernels(tree):
+    if not isinstance(tree, dict):
+        return tree
+    return {("kernel" if k == "kernel_t" else k): (v.T if k == "kernel_t" else _untranspose_kernels(v))
+            for k, v in tree.items()}
 
 
 def _transpose_kernels(tree):
@@ -192,6 +258,7 @@ def init_params(config: ModelConfig, key, *, initializer_range: float = 0.02, dt
 
 
 __all__ = [
-    "FAMILIES", "RUN", "PROPAGATE", "SKIP", "Context", "KVCache", "ModelConfig",
-    "context", "decode_layout", "decode_step", "family", "forward", "init_params", "run_layers",
+    "FAMILIES", "RUN", "PROPAGATE", "SKIP", "Context", "Family", "KVCache", "ModelConfig",
+    "context", "decode_layout", "decode_layout_leaves", "decode_step", "family", "forward", "run_layers",
+    "init_params", "stacked_layout",
 ]

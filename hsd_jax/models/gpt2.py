@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from hsd_jax.models.family import Family
 from hsd_jax.models.common import (
     ACTIVATIONS,
     Context,
@@ -185,3 +186,16 @@ def head(params, x, c: ModelConfig):
     """Final LayerNorm and the tied LM head; float32 logits (B, T, V)."""
     h = layer_norm(params["ln_f"], x, c.layer_norm_eps)
     return jnp.einsum("btd,vd->btv", h, params["wte"], preferred_element_type=jnp.float32)
+
+
+FAMILY = Family(
+    name="gpt2", hf_class="GPT2LMHeadModel",
+    global_weights=GLOBAL_WEIGHTS, layer_weights=LAYER_WEIGHTS, layer_prefix=LAYER_PREFIX,
+    optional_prefix=OPTIONAL_PREFIX, transposed=TRANSPOSED,
+    layers_key=LAYERS_KEY, heads_key=HEADS_KEY, width_key=WIDTH_KEY, size_keys=SIZE_KEYS,
+    optional_size_keys=OPTIONAL_SIZE_KEYS, config_defaults=CONFIG_DEFAULTS, config_from_hf=config_from_hf,
+    check_supported=check_supported, expected_shapes=expected_shapes,
+    init=init, embed=embed, block=block, kv=kv, head=head, head_params=head_params, kv_params=kv_params,
+    lora_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    learned_positions=True,
+)

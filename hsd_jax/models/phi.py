@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from hsd_jax.models.family import Family
 from hsd_jax.models.common import (
     ACTIVATIONS,
     Context,
@@ -204,3 +205,17 @@ def head(params, x, c: ModelConfig):
     else:
         logits = jnp.einsum("btd,dv->btv", h, lm["kernel"], preferred_element_type=jnp.float32)
     return logits + lm["bias"].astype(jnp.float32)
+
+
+FAMILY = Family(
+    name="phi", hf_class="PhiForCausalLM",
+    global_weights=GLOBAL_WEIGHTS, layer_weights=LAYER_WEIGHTS, layer_prefix=LAYER_PREFIX,
+    optional_prefix=OPTIONAL_PREFIX, transposed=TRANSPOSED,
+    layers_key=LAYERS_KEY, heads_key=HEADS_KEY, width_key=WIDTH_KEY, size_keys=SIZE_KEYS,
+    optional_size_keys=OPTIONAL_SIZE_KEYS, config_defaults=CONFIG_DEFAULTS, config_from_hf=config_from_hf,
+    check_supported=check_supported, expected_shapes=expected_shapes,
+    init=init, embed=embed, block=block, kv=kv, head=head, head_params=head_params, kv_params=kv_params,
+    lora_targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1",
+                  "mlp.fc2"),
+    learned_positions=False,
+)
