@@ -8,6 +8,7 @@ families (`hsd_jax.models.family.Family`: `layer_weights`, `global_weights`, `tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -71,18 +72,92 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
         files = _shards(pt_index)
     else:
         raise HsdError(f"{folder} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
-    tensors: dict[str, np.ndarray] = {}
     for f in files:
         if not f.exists():
             raise HsdError(f"weight shard {f} named in the index is missing")
-        try:
-            tensors.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_torch(f))
-        except HsdError:
-            raise
-        except Exception as err:  # noqa: BLE001 - corrupt files raise anything
-            raise HsdError(f"cannot read weights from {f}: the file looks corrupt or truncated "
-                           f"({type(err).__name__}: {err})") from err
+    if files[0].suffix == ".safetensors":
+        return _LazyTensors(files)
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        with _explained(f):
+            tensors.update(_read_torch(f))
     return tensors
+
+
+class _LazyTensors(dict):
+    """Safetensors weights read one tensor at a time, when asked for, with plain reads
+    into fresh arrays: a loader that places each tensor and drops it holds the weights
+    plus one tensor. (safetensors' own reader maps the file into memory, and every page
+    it touches then counts as resident until the file is closed: the weights twice.)"""
+
+    def __init__(self, files: list[Path]):
+        super().__init__()
+        for f in files:
+            with _explained(f):
+                for name, entry in _safetensors_header(f).items():
+                    dict.__setitem__(self, name, (f, entry))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        f, (dtype, shape, start, stop) = dict.__getitem__(self, name)
+        with _explained(f):
+            out = np.empty(shape, dtype)
+            if out.nbytes != stop - start:
+                raise ValueError(f"tensor {name!r} holds {stop - start} bytes, but {shape} of {dtype} needs "
+                                 f"{out.nbytes}")
+            with open(f, "rb") as handle:
+                handle.seek(start)
+                if handle.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                    raise ValueError(f"the file ends inside tensor {name!r}")
+            return out
+
+    def renamed(self, rename: dict[str, str]) -> "_LazyTensors":
+        """The same tensors under new names (nothing is read)."""
+        out = _LazyTensors([])
+        for old, new in rename.items():
+            dict.__setitem__(out, new, dict.__getitem__(self, old))
+        return out
+
+    def items(self):
+        return ((name, self[name]) for name in self)
+
+    def values(self):
+        return (self[name] for name in self)
+
+
+def _safetensors_header(f: Path) -> dict[str, tuple]:
+    """name -> (numpy dtype, shape, first byte, end byte) from a .safetensors file's header:
+    8 bytes of little-endian header length, then a JSON object (the format's whole spec)."""
+    import ml_dtypes
+
+    dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    with open(f, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= f.stat().st_size - 8:
+            raise ValueError(f"header length {size} does not fit the file")
+        header = json.loads(handle.read(size))
+    data = 8 + size
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which hsd-jax does not read")
+        start, stop = entry["data_offsets"]
+        out[name] = (np.dtype(dtypes[entry["dtype"]]), tuple(entry["shape"]), data + start, data + stop)
+    return out
+
+
+@contextlib.contextmanager
+def _explained(f: Path):
+    """Any failure reading `f` becomes one HsdError naming the file."""
+    try:
+        yield
+    except HsdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - corrupt files raise anything
+        raise HsdError(f"cannot read weights from {f}: the file looks corrupt or truncated "
+                       f"({type(err).__name__}: {err})") from err
 
 
 def _shards(index: Path) -> list[Path]:
@@ -91,14 +166,6 @@ def _shards(index: Path) -> list[Path]:
         raise HsdError(f"{index} has no \"weight_map\" object naming the shard of each weight; "
                        "write the index again with save_pretrained, or merge the shards into model.safetensors")
     return sorted({index.parent / f for f in weight_map.values()})
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    # The "flax" reader also handles bfloat16, which plain numpy cannot represent.
-    with safe_open(str(path), framework="flax") as f:
-        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -162,12 +229,17 @@ def _check_built_config(config: ModelConfig, config_path: Path) -> None:
                            f"{config.vocab_size}; set it to the tokenizer's id (or null)")
 
 
-def _canonical_names(tensors: dict[str, np.ndarray], fam) -> dict[str, np.ndarray]:
+def _canonical_names(tensors, fam):
     """Accepts both "transformer.wte.weight" and "wte.weight" (GPT-2's hub checkpoints)."""
-    if not fam.optional_prefix:
+    prefix = fam.optional_prefix
+    if not prefix:
         return tensors
-    return {k if k.startswith(fam.optional_prefix) or k.startswith("lm_head") else fam.optional_prefix + k: v
-            for k, v in tensors.items()}
+    rename = {k: k if k.startswith(prefix) or k.startswith("lm_head") else prefix + k for k in tensors}
+    if all(k == v for k, v in rename.items()):
+        return tensors
+    if isinstance(tensors, _LazyTensors):
+        return tensors.renamed(rename)
+    return {rename[k]: v for k, v in tensors.items()}
 
 
 def _layers_in(tensors: dict[str, np.ndarray], fam) -> int:
@@ -192,42 +264,60 @@ def _set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
-def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jnp.float32):
-    """Maps checkpoint names to the stacked pytree, transposing and checking shapes."""
+def params_from_tensors(tensors, config: ModelConfig, dtype=jnp.float32, layout: str = "stacked"):
+    """Maps checkpoint names to the parameter pytree, transposing and checking shapes.
+
+    `layout` "stacked" gives (L, ...) layer arrays; "decode" gives the decode layout
+    (`hsd_jax.models.decode_layout`) directly, one array per layer and tensor, so a
+    model loaded for decoding never holds a stacked copy. Tensors are read one at a
+    time from `tensors` (a mapping; `_LazyTensors` reads each on demand).
+    """
+    if layout not in ("stacked", "decode"):
+        raise HsdError(f"layout {layout!r} is unknown; use stacked or decode")
     fam = family(config)
     tensors = _canonical_names(tensors, fam)
-    params: dict = {}
-    missing = []
-
-    def take(name: str, suffix: str):
-        if name not in tensors:
-            missing.append(name)
-            return None
-        value = np.asarray(tensors[name])
-        return value.T if suffix in fam.transposed else value
-
-    for name, path in fam.global_weights.items():
-        value = take(name, name)
-        if value is not None:
-            _set(params, path, value)
-    for suffix, path in fam.layer_weights.items():
-        per_layer = [take(fam.layer_prefix.format(i) + suffix, suffix) for i in range(config.num_layers)]
-        if all(v is not None for v in per_layer):
-            shapes = {v.shape for v in per_layer}
-            if len(shapes) != 1:
-                raise HsdError(f"weight {suffix!r} has different shapes across layers: {sorted(shapes)}")
-            _set(params, ("layers", *path), np.stack(per_layer))
+    names = list(fam.global_weights) + [fam.layer_prefix.format(i) + suffix
+                                        for i in range(config.num_layers) for suffix in fam.layer_weights]
+    missing = [n for n in names if n not in tensors]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise HsdError(f"checkpoint is missing weights: {shown}")
-    for path, shape in fam.expected_shapes(config).items():
-        node = params
-        for key in path:
-            node = node[key]
-        if tuple(node.shape) != tuple(shape):
-            raise HsdError(f"weight {'/'.join(path)} has shape {tuple(node.shape)} but the config "
-                           f"implies {tuple(shape)}: the weights do not belong to this config.json")
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    shapes = fam.expected_shapes(config)
+
+    def take(name: str, suffix: str, path: tuple, per_layer: bool) -> np.ndarray:
+        """The tensor in the (in, out) convention of the stacked layout, shape-checked."""
+        value = np.asarray(tensors[name])
+        value = value.T if suffix in fam.transposed else value
+        expected = tuple(shapes[path][1:] if per_layer else shapes[path])
+        if tuple(value.shape) != expected:
+            shown = ("layers", *path[1:]) if per_layer else path
+            raise HsdError(f"weight {'/'.join(shown)} has shape {tuple(value.shape)} but the config "
+                           f"implies {expected}: the weights do not belong to this config.json")
+        return value
+
+    def place(value: np.ndarray, kernel_t: bool):
+        return jnp.asarray(np.ascontiguousarray(value.T) if kernel_t else value, dtype)
+
+    decode = layout == "decode"
+    params: dict = {}
+    for name, path in fam.global_weights.items():
+        t = decode and path[-1] == "kernel"  # Phi's untied LM head
+        _set(params, (*path[:-1], "kernel_t") if t else path, place(take(name, name, path, False), t))
+    if decode:
+        layers: list[dict] = [{} for _ in range(config.num_layers)]
+        for i in range(config.num_layers):
+            for suffix, path in fam.layer_weights.items():
+                value = take(fam.layer_prefix.format(i) + suffix, suffix, ("layers", *path), True)
+                t = path[-1] == "kernel"
+                _set(layers[i], (*path[:-1], "kernel_t") if t else path, place(value, t))
+        params["layers"] = tuple(layers)
+        return params
+    for suffix, path in fam.layer_weights.items():
+        per_layer = [take(fam.layer_prefix.format(i) + suffix, suffix, ("layers", *path), True)
+                     for i in range(config.num_layers)]
+        _set(params, ("layers", *path), jnp.asarray(np.stack(per_layer), dtype))
+        del per_layer
+    return params
 
 
 def tensors_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -254,8 +344,14 @@ def tensors_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True) -> LanguageModel:
+def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True,
+         layout: str = "stacked") -> LanguageModel:
     """Loads a Hugging Face GPT-2 or Phi checkpoint (local folder or hub id).
+
+    `layout="decode"` loads the weights straight into the decode layout (for a model
+    that only decodes: no stacked copy is ever made, and the peak memory is the
+    weights plus one tensor); "stacked" suits training, and `generate` converts a
+    stacked model in place on first use (`CausalLM.to_layout`).
 
     >>> lm = hsd_jax.load("gpt2")                      # doctest: +SKIP
     >>> logits = lm.forward(ids, attention_mask=mask)  # doctest: +SKIP
@@ -284,7 +380,8 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
     tok = _load_tokenizer(folder) if tokenizer else None  # before the weights: a bad file fails fast
     tensors = _read_tensors(folder)
     _check_layer_count(tensors, config, fam, config_path)
-    params = params_from_tensors(tensors, config, _DTYPES[dtype])
+    params = params_from_tensors(tensors, config, _DTYPES[dtype], layout)
+    del tensors
     return model_class(config)(config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
 
 

@@ -1,11 +1,16 @@
-"""LoRA adapters as a pytree beside the frozen stacked parameters.
+"""LoRA adapters for the stacked projections, as an NNX module of LoRA parameters.
 
-Why not Flax NNX's `nnx.LoRA`: it is a module that wraps a module (`base_module`), and
-our models are pure functions over a stacked parameter pytree with no modules to wrap,
-so it cannot be dropped in. What is kept from it is its maths and its initialisation:
-each targeted kernel W (L, in, out) gets factors A (L, in, r), initialised with NNX's
-default (`nnx.initializers.he_uniform`, per layer), and B (L, r, out), zeros, so
-training starts from the pretrained model exactly. The forward uses
+Why not Flax's `nnx.LoRA` / `nnx.LoRALinear`: they add x @ A @ B inside the call of a
+Linear module, and the models' layers are not Linear modules. A model's weights are
+`nnx.Param`s in a stacked (L, in, out) layout (or per layer, (out, in), to decode)
+that the family's pure functions read, so every forward (the scanned training one,
+prefill, each decode step) runs from one pytree; there is no per-projection call to
+wrap. What is kept from `nnx.LoRA` is its variable type (`nnx.LoRAParam`, so
+`nnx.state(adapters, nnx.LoRAParam)` selects what trains), its maths and its
+initialisation: each targeted kernel W (L, in, out) gets factors A (L, in, r),
+initialised with NNX's default (`nnx.initializers.he_uniform`, per layer), and
+B (L, r, out), zeros, so training starts from the pretrained model exactly. The
+forward uses
 
     W_eff = W + (alpha / r) * A @ B
 
@@ -13,6 +18,8 @@ training starts from the pretrained model exactly. The forward uses
 merged into the kernel before the forward runs, which keeps one forward pass for
 every use (and is what export writes). Only the adapter pytree is differentiated and
 given optimizer state, so the frozen weights are bit-identical after training.
+`LoRAAdapters` is the NNX module; `init` / `merge` are the pure functions over its
+values that the jitted training step uses.
 
 Cost of merging rather than adding x @ A @ B inside each projection: the merged kernels
 and their gradient are materialised (once per step, like full fine-tuning's gradient
@@ -113,3 +120,26 @@ def merge(params, adapters: dict, scale: float):
 
 def num_params(adapters: dict) -> int:
     return sum(x.size for x in jax.tree.leaves(adapters))
+
+
+class LoRAAdapters(nnx.Module):
+    """The adapters of a model as an NNX module of `nnx.LoRAParam`s.
+
+        adapters = LoRAAdapters(model, LoraConfig(rank=8), rngs=nnx.Rngs(0))
+        trainable = nnx.state(adapters, nnx.LoRAParam)
+        merged = adapters.merged(model)   # the weights with W + scale * A @ B
+    """
+
+    def __init__(self, model, lora: LoraConfig, *, rngs: nnx.Rngs):
+        self.lora = lora
+        factors = init(rngs.params(), model.stacked_params(), model.config, lora)
+        self.factors = nnx.data(jax.tree.map(nnx.LoRAParam, factors))
+
+    @property
+    def values(self) -> dict:
+        """The factors as the plain pytree `merge` takes."""
+        return jax.tree.map(lambda v: v.get_value(), self.factors, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def merged(self, model):
+        """`model`'s weights (stacked layout) with every targeted kernel merged."""
+        return merge(model.stacked_params(), self.values, self.lora.scale)

@@ -144,3 +144,44 @@ def test_no_model_type_branches_outside_the_models_package():
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                  if "models" not in p.relative_to(PACKAGE).parts and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_loading_straight_into_the_decode_layout_gives_the_converted_weights(model_dir):
+    direct = hsd_jax.load(model_dir, tokenizer=False, layout="decode")
+    converted = hsd_jax.load(model_dir, tokenizer=False).to_layout("decode")
+    assert direct.layout == converted.layout == "decode"
+    assert jax.tree_util.tree_structure(direct.params) == jax.tree_util.tree_structure(converted.params)
+    for a, b in zip(_leaves(direct.params), _leaves(converted.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_safetensors_are_read_exactly(gpt2_dir, tmp_path):
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(gpt2_dir, tmp_path / "m")
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(gpt2_dir / "model.safetensors").items()}
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    lm = hsd_jax.load(tmp_path / "m", tokenizer=False, dtype="bfloat16")
+    np.testing.assert_array_equal(np.asarray(lm.params["wte"]), tensors["transformer.wte.weight"])
+
+
+def test_lora_adapters_are_an_nnx_module_of_lora_params(gpt2_dir):
+    from hsd_jax import lora
+
+    model = hsd_jax.load(gpt2_dir, tokenizer=False)
+    adapters = lora.LoRAAdapters(model, lora.LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
+    trainable = nnx.state(adapters, nnx.LoRAParam)
+    assert len(jax.tree.leaves(trainable)) == 2 * len(lora.targets_of(adapters.values)) == 8  # A, B x 4 kernels
+    base = model.stacked_params()
+    for a, b in zip(_leaves(adapters.merged(model)), _leaves(base)):  # B starts at zero: the base model
+        np.testing.assert_array_equal(a, b)
+    node = adapters.factors["attn"]["c_attn"]
+    node["b"].set_value(jax.numpy.ones_like(node["b"].get_value()))
+    merged = adapters.merged(model)["layers"]["attn"]["c_attn"]["kernel"]
+    a = np.asarray(node["a"].get_value())
+    expected = np.asarray(base["layers"]["attn"]["c_attn"]["kernel"]) + 2.0 * np.einsum("lir,lro->lio", a, np.ones(
+        (a.shape[0], 4, merged.shape[-1]), np.float32))
+    np.testing.assert_allclose(np.asarray(merged), expected, rtol=1e-5, atol=1e-5)
