@@ -94,7 +94,7 @@ def run_demo(output: str | Path, *, smoke: bool = False, seed: int = 0, overwrit
                       learning_rate=size.learning_rate, weight_decay=0.01, seed=seed,
                       save_every=10**9, log_every=10, progress=progress))
 
-    lm = load(model)
+    lm = load(model, layout="decode")  # it only decodes
     sources, references = group_references(splits.dev_pairs())
     title = f"demo model ({size.layers} layers) on {len(sources)} dev records, beam 4"
     results = evaluate_to_folder(lm, sources, references, schedules(size), out / "eval",

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     sources, references = group_references(pairs)
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
-    lm = hsd_jax.load(args.model, dtype=args.dtype)
+    lm = hsd_jax.load(args.model, dtype=args.dtype, layout="decode")  # it only decodes: no stacked copy
     scorer = None if args.no_bertscore else BertScorer(args.bertscore_model, args.bertscore_layers)
     title = f"{Path(str(args.model)).name} on {name} ({len(sources)} sources, beam {args.num_beams})"
     settings = {"model": _resolved(args.model), "dataset": name, "dtype": args.dtype}
