@@ -6,11 +6,11 @@ Shapes: B batch, T new tokens, S cache slots, H heads, Dh head size, D width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import struct, traverse_util
 
 # Masked attention scores get the most negative finite float rather than -inf, so a
 # query that sees no valid key (a left-pad position) gives a uniform softmax, not NaN.
@@ -270,3 +270,21 @@ def _beam_values(probs, cache_v, beam_source):
 def layer_slice(stacked: Any, layer) -> Any:
     """One layer's parameters out of the stacked (L, ...) pytree."""
     return jax.tree.map(lambda p: p[layer], stacked)
+
+
+def draw_weights(shapes: dict[tuple, tuple], key, std_of: Callable[[tuple], float], dtype=jnp.float32,
+                 adjust: Callable[[tuple, jax.Array], jax.Array] | None = None) -> dict:
+    """Random weights for a family's `expected_shapes`: norm scales 1, biases 0, every
+    other leaf normal(0, `std_of(path)`), then `adjust(path, value)` if given. Leaf i of
+    the sorted paths draws from `fold_in(key, i)` in float32 before the cast to `dtype`,
+    so a seed always gives the same weights (a resumed training run checks them)."""
+    def draw(path, shape, leaf_key):
+        if path[-1] == "scale":
+            return jnp.ones(shape, dtype)
+        if path[-1] == "bias":
+            return jnp.zeros(shape, dtype)
+        value = std_of(path) * jax.random.normal(leaf_key, shape, jnp.float32)
+        return (adjust(path, value) if adjust else value).astype(dtype)
+
+    flat = {path: draw(path, shape, jax.random.fold_in(key, i)) for i, (path, shape) in enumerate(sorted(shapes.items()))}
+    return traverse_util.unflatten_dict(flat)

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from hsd_jax.models.family import Family
 from hsd_jax.models.common import (
     ACTIVATIONS,
     Context,
     ModelConfig,
     attend,
     dense,
+    draw_weights,
     layer_norm,
     merge_heads,
     split_heads,
 )
+from hsd_jax.models.family import Family
 
 # Checkpoint name (after "transformer.h.{i}.") -> path in our per-layer pytree.
 LAYER_WEIGHTS = {
@@ -129,18 +128,8 @@ def init(c: ModelConfig, key, *, initializer_range: float = 0.02, dtype=jnp.floa
     """
     std = initializer_range or 0.02  # transformers' fallback for a null initializer_range
     residual = std / math.sqrt(2 * c.num_layers)
-
-    def draw(path, shape, key):
-        if path[-1] == "scale":
-            return jnp.ones(shape, dtype)
-        if path[-1] == "bias":
-            return jnp.zeros(shape, dtype)
-        s = residual if path[-2:] == ("c_proj", "kernel") else std
-        return (s * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-    shapes = sorted(expected_shapes(c).items())
-    return traverse_util.unflatten_dict(
-        {path: draw(path, shape, jax.random.fold_in(key, i)) for i, (path, shape) in enumerate(shapes)})
+    return draw_weights(expected_shapes(c), key, lambda path: residual if path[-2:] == ("c_proj", "kernel") else std,
+                        dtype)
 
 
 def head_params(params) -> dict:

@@ -8,21 +8,20 @@ shared LayerNorm output, and an untied LM head with a bias. `nn.Linear` stores
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from hsd_jax.models.family import Family
 from hsd_jax.models.common import (
     ACTIVATIONS,
     Context,
     ModelConfig,
     attend,
     dense,
+    draw_weights,
     layer_norm,
     merge_heads,
     split_heads,
 )
+from hsd_jax.models.family import Family
 
 LAYER_WEIGHTS = {
     "input_layernorm.weight": ("input_layernorm", "scale"),
@@ -131,20 +130,12 @@ def init(c: ModelConfig, key, *, initializer_range: float = 0.02, dtype=jnp.floa
     sorted shapes draws from `fold_in(key, i)` in float32, then is cast to `dtype`.
     """
     std = initializer_range or 0.02  # transformers' fallback for a null initializer_range
+    pad = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else None
 
-    def draw(path, shape, key):
-        if path[-1] == "scale":
-            return jnp.ones(shape, dtype)
-        if path[-1] == "bias":
-            return jnp.zeros(shape, dtype)
-        value = std * jax.random.normal(key, shape, jnp.float32)
-        if path == ("embed_tokens",) and c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size:
-            value = value.at[c.pad_token_id].set(0.0)
-        return value.astype(dtype)
+    def zero_pad_row(path, value):
+        return value.at[pad].set(0.0) if path == ("embed_tokens",) and pad is not None else value
 
-    shapes = sorted(expected_shapes(c).items())
-    return traverse_util.unflatten_dict(
-        {path: draw(path, shape, jax.random.fold_in(key, i)) for i, (path, shape) in enumerate(shapes)})
+    return draw_weights(expected_shapes(c), key, lambda path: std, dtype, adjust=zero_pad_row)
 
 
 def head_params(params) -> dict:
