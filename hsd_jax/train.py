@@ -7,7 +7,8 @@ What a run does, in order:
   1. locks the output folder for its lifetime (a second run into it is refused) and checks
      it: a folder holding another run needs `resume=True`;
   2. loads the model (a Hugging Face folder / hub id, or `random:<preset|config.json>`
-     for GPT-2 weights drawn at random) and its tokenizer;
+     for weights drawn at random by the model family's initialiser: GPT-2 sizes, or a
+     GPT-2 or Phi config.json) and its tokenizer;
   3. reads and tokenises the pairs (`hsd_jax.data`: prompt format, loss on the target);
   4. builds a data-parallel mesh over the local devices (all processes' devices when
      `jax.distributed` was initialised), replicates the weights and shards each batch;
@@ -76,11 +77,6 @@ GPT2_PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
-_GPT2_DEFAULTS = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=50257, n_positions=1024,
-                      n_embd=768, n_layer=12, n_head=12, n_inner=None, activation_function="gelu_new",
-                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
-                      initializer_range=0.02, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
-
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, resume: bool = False, metavar: str | None = None,
             shown_default: str | None = None, choices: tuple | None = None, nargs: str | None = None,

@@ -1,4 +1,4 @@
-"""`hsd-jax train`: fine-tune (full or LoRA) or train from random GPT-2 weights.
+"""`hsd-jax train`: fine-tune (full or LoRA) or train from random weights (GPT-2 or Phi).
 
 The flags are built from `hsd_jax.train.TrainConfig`, one per field (`batch_size` ->
 `--batch-size`): the type from the field's annotation, the default from the field, the
