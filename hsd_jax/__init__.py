@@ -1,7 +1,7 @@
 """hsd-jax: Hierarchical Skip Decoding, SkipDecode and CALM for GPT-2 and Phi in JAX.
 
     import hsd_jax
-    lm = hsd_jax.load("gpt2")
+    lm = hsd_jax.load("gpt2")          # a GPT2LMHeadModel: a Flax NNX module, with its tokenizer
     out = hsd_jax.generate(lm, prompts=["Hello"], schedule="hsd:s=1,min=0,max=6")
 """
 
@@ -9,10 +9,12 @@ from hsd_jax.checkpoint import LanguageModel, load, save_pretrained
 from hsd_jax.errors import HsdError
 from hsd_jax.generate import Generation, generate, generate_batched
 from hsd_jax.models import KVCache, ModelConfig
+from hsd_jax.models.modules import CausalLM, GPT2LMHeadModel, PhiForCausalLM
 from hsd_jax.schedules import CalmConfig, Schedule, list_presets, schedule
 
 __all__ = [
-    "CalmConfig", "Generation", "HsdError", "KVCache", "LanguageModel", "ModelConfig", "Schedule",
+    "CalmConfig", "CausalLM", "GPT2LMHeadModel", "Generation", "HsdError", "KVCache", "LanguageModel", "ModelConfig",
+    "PhiForCausalLM", "Schedule",
     "generate", "generate_batched", "list_presets", "load", "save_pretrained", "schedule",
 ]
 __version__ = "0.1.0"
