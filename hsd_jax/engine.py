@@ -39,10 +39,12 @@ from hsd_jax.schedules import Schedule
 MODES = ("compiled", "static", "eager")
 
 # A step function: (params, last tokens (R,), cache, decode step t, live rows (R,) bool)
-# -> (logits (R, V), cache, layers run ()). Only CALM's exit test looks at the live rows.
+# -> (logits (R, V), cache, layers run: () for every row, or (R,) per row as CALM's exits
+# give). Only CALM's exit test looks at the live rows. The search state records the layers
+# with each row's tokens (`hsd_jax.search`: a beam's record follows it through reorders).
 StepFn = Callable[[Any, jax.Array, KVCache, Any, jax.Array], tuple[jax.Array, KVCache, jax.Array]]
-# The loop a strategy drives: (params, search, state, step_layers, step, until) -> (state, step_layers).
-Loop = Callable[..., tuple[Any, jax.Array]]
+# The loop a strategy drives: (params, search, state, step, until) -> state.
+Loop = Callable[..., Any]
 
 
 class Strategy(Protocol):
@@ -55,7 +57,7 @@ class Strategy(Protocol):
     def arguments(self) -> tuple:
         """Arrays the compiled program takes at run time."""
 
-    def decode(self, params, config: ModelConfig, search, state, step_layers, loop: Loop, *arguments):
+    def decode(self, params, config: ModelConfig, search, state, loop: Loop, *arguments):
         """Traced: every decode step after the prefill, through `loop`."""
 
     def eager_step(self, params, config: ModelConfig, tokens, cache: KVCache, t: int, live):
@@ -78,14 +80,14 @@ class ScheduleSteps:
     def arguments(self) -> tuple:
         return () if self.static else (jnp.asarray(self.schedule.layer_ops(), jnp.int32),)
 
-    def decode(self, params, config, search, state, step_layers, loop: Loop, *arguments):
+    def decode(self, params, config, search, state, loop: Loop, *arguments):
         if not self.static:
             (ops,) = arguments
-            return loop(params, search, state, step_layers, schedule_step(config, lambda t: ops[t]))
+            return loop(params, search, state, schedule_step(config, lambda t: ops[t]))
         for _, stop, ops in self._segments():
             step = schedule_step(config, lambda t, ops=ops: ops)
-            state, step_layers = loop(params, search, state, step_layers, step, until=stop)
-        return state, step_layers
+            state = loop(params, search, state, step, until=stop)
+        return state
 
     def eager_step(self, params, config, tokens, cache, t, live):
         ops = tuple(int(op) for op in self.schedule.layer_ops()[t])
@@ -112,8 +114,8 @@ def schedule_step(config: ModelConfig, ops_of: Callable[[Any], Any]) -> StepFn:
 
 
 def prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
-    """Every layer over the prompts; the search state after its first token, and the
-    (N,) layers-per-step record with step 0's (the prefill's) filled in."""
+    """Every layer over the prompts; the search state after its first token (made by
+    all layers)."""
     cache = KVCache.init(config, ids.shape[0], cache_len, _dtype(params))
     # An all-false `valid` is a constant that XLA would fold through the prompt's
     # (B, H, T, S) cache attention scores, slowly (8 s of compile at a 512-token
@@ -122,27 +124,22 @@ def prefill(params, config: ModelConfig, search, ids, mask, cache_len: int):
     logits, cache = forward(params, config, ids, mask, cache, last_only=True)
     # Each prompt is run once; beam search then copies its cache and logits to its beams.
     logits = jnp.repeat(logits[:, -1], search.num_beams, axis=0)
-    state = search.update(search.init(cache, ids.shape[0]), logits)
-    step_layers = jnp.zeros((search.max_new_tokens,), jnp.int32).at[0].set(config.num_layers)
-    return state, step_layers
+    return search.update(search.init(cache, ids.shape[0]), logits, config.num_layers)
 
 
-def loop(params, search, state, step_layers, step: StepFn, until: int | None = None):
+def loop(params, search, state, step: StepFn, until: int | None = None):
     """Decode steps while the search is not done (and, if given, step < `until`)."""
 
-    def cond(carry):
-        state, _ = carry
+    def cond(state):
         more = ~search.done(state)
         return more if until is None else more & (state.i - 1 < until)
 
-    def body(carry):
-        state, step_layers = carry
+    def body(state):
         t = state.i - 1  # decode step t consumes token t and produces token t + 1
         logits, cache, n = step(params, search.last_tokens(state), state.cache, t, search.live(state))
-        state = search.update(state.replace(cache=cache), logits)
-        return state, step_layers.at[t + 1].set(n)
+        return search.update(state.replace(cache=cache), logits, n)
 
-    return jax.lax.while_loop(cond, body, (state, step_layers))
+    return jax.lax.while_loop(cond, body, state)
 
 
 def _dtype(params):
@@ -152,7 +149,7 @@ def _dtype(params):
 @dataclasses.dataclass
 class Decoded:
     tokens: np.ndarray  # (B, N) best sequence of each input
-    step_layers: np.ndarray  # (N,) layers run for each step's token
+    step_layers: np.ndarray  # (B, N) layers run for each of `tokens`
     steps: int  # tokens generated per row before the batch stopped
     compile_seconds: float  # 0.0 when the program came from the cache
     decode_seconds: float
@@ -195,9 +192,9 @@ class Decoder:
         config = self.config
 
         def run(params, ids, mask, *arguments):
-            state, layers = prefill(params, config, search, ids, mask, cache_len)
-            state, layers = strategy.decode(params, config, search, state, layers, loop, *arguments)
-            return search.best(state), layers, state.i
+            state = prefill(params, config, search, ids, mask, cache_len)
+            state = strategy.decode(params, config, search, state, loop, *arguments)
+            return search.best(state), search.best_layers(state), state.i
 
         start = time.perf_counter()
         program = jax.jit(run).lower(params, ids, mask, *arguments).compile()
@@ -208,12 +205,10 @@ class Decoder:
 
     def _eager(self, params, strategy, search, ids, mask, cache_len):
         config = self.config
-        state, layers = prefill(params, config, search, ids, mask, cache_len)
-        layers = np.array(layers)  # writable host copy
+        state = prefill(params, config, search, ids, mask, cache_len)
         while not bool(search.done(state)):
             t = int(state.i) - 1
             logits, cache, n = strategy.eager_step(params, config, search.last_tokens(state), state.cache, t,
                                                    search.live(state))
-            state = search.update(state.replace(cache=cache), logits)
-            layers[t + 1] = int(n)
-        return search.best(state), layers, state.i
+            state = search.update(state.replace(cache=cache), logits, n)
+        return search.best(state), search.best_layers(state), state.i

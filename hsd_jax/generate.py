@@ -127,7 +127,7 @@ def generate(
     search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
 
-    strategy = CalmSteps(sched, max_new_tokens) if isinstance(sched, CalmConfig) \
+    strategy = CalmSteps(sched, max_new_tokens, config.num_layers) if isinstance(sched, CalmConfig) \
         else ScheduleSteps(sched, static=mode == "static")
     start, converting = time.perf_counter(), lm.layout != "decode"
     params = lm.to_layout("decode").params  # once per model: the decode layout replaces the stacked weights
@@ -137,10 +137,10 @@ def generate(
 
     tokens, step_layers, steps = out.tokens, out.step_layers, out.steps
     sequences, layers = [], []
-    for row in tokens:
+    for row, row_layers in zip(tokens, step_layers):  # each input's own record (CALM's rows exit apart)
         n = _length(row[:steps], eos)
         sequences.append(row[:n].tolist())
-        layers.append(step_layers[:n].tolist())
+        layers.append(row_layers[:n].tolist())
     texts = None
     if lm.tokenizer is not None:
         texts = [lm.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]

@@ -10,7 +10,8 @@ Specs (text a user types, or what a preset file holds):
     vanilla                                      every layer, every step
     skipdecode:min=10,max=20[,T=72][,warmup=1]   SkipDecode (Del Corro et al.)
     hsd:s=1,min=0,max=20[,T=72][,warmup=0]       Hierarchical Skip Decoding
-    calm:lambda=0.02[,tau=4][,min_exit=1]        CALM, decided at run time
+    calm:lambda=0.02[,tau=4][,min_exit=1][,measure=softmax|state][,every=1][,exit=row|batch]
+                                                 CALM, decided at run time
     path/to/mask.npy  (or mask:path/to/mask.npy) any user mask, bool or 0/1
     hsd-s1-20, path/to/preset.json               a preset (see `schedules/`)
 
@@ -41,7 +42,8 @@ _KEYS = {
     "vanilla": {},
     "skipdecode": {"min": (int, REQUIRED), "max": (int, REQUIRED), "T": (int, STEPS), "warmup": (int, 1)},
     "hsd": {"s": (int, REQUIRED), "min": (int, REQUIRED), "max": (int, REQUIRED), "T": (int, STEPS), "warmup": (int, 0)},
-    "calm": {"lambda": (float, REQUIRED), "tau": (float, 4.0), "min_exit": (int, 1)},
+    "calm": {"lambda": (float, REQUIRED), "tau": (float, 4.0), "min_exit": (int, 1), "measure": (str, "softmax"),
+             "every": (int, 1), "exit": (str, "row")},
 }
 METHODS = tuple(_KEYS)
 
@@ -140,13 +142,29 @@ class Schedule:
         return Schedule(self.mask[:max_new_tokens], spec=self.spec, name=self.name)
 
 
+CALM_MEASURES = ("softmax", "state")  # softmax response (the paper's), hidden-state saturation
+CALM_EXITS = ("row", "batch")  # each row exits at its own layer; or one decision per step (t5x)
+
+
 @dataclasses.dataclass(frozen=True)
 class CalmConfig:
-    """CALM early exit (docs/methods.md): decided per step at run time, so it has no mask."""
+    """CALM early exit (docs/methods.md): decided at run time, so it has no mask.
+
+    measure: the confidence an exit test compares with the step's threshold: "softmax"
+    (top-1 minus top-2 probability of the LM head at the tested layer, the paper's
+    default) or "state" (cosine similarity of the hidden state before and after the
+    layer: no LM head). every: test after layers min_exit, min_exit + every, ... only.
+    exit: "row" (each row, i.e. each beam of each input, exits at its own layer) or
+    "batch" (the step exits for every row once all live rows are confident, as CALM's
+    t5x code does).
+    """
 
     lam: float  # the paper's lambda; the threshold decays towards 0.9 * lam
     tau: float = 4.0  # decay rate of the threshold over the decode steps (our default; docs/methods.md)
     min_exit: int = 1  # the first exit test comes after this many layers (1 = after layer 0)
+    measure: str = "softmax"
+    every: int = 1
+    exit: str = "row"
 
     def __post_init__(self):
         if not self.lam >= 0:  # also catches NaN
@@ -155,18 +173,40 @@ class CalmConfig:
             raise HsdError(f"calm: tau must be >= 0, got {self.tau}")
         if self.min_exit < 1:
             raise HsdError(f"calm: min_exit must be >= 1 (a step runs at least one layer), got {self.min_exit}")
+        if self.measure not in CALM_MEASURES:
+            raise HsdError(f"calm: measure must be softmax (softmax response, the paper's) or state (hidden-state "
+                           f"saturation), got {self.measure!r}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise HsdError(f"calm: every must be an integer >= 1 (test after every k-th layer), got {self.every!r}")
+        if self.exit not in CALM_EXITS:
+            raise HsdError(f"calm: exit must be row (each sequence exits at its own layer) or batch (one exit per "
+                           f"step for the whole batch, as t5x), got {self.exit!r}")
 
     @property
     def spec(self) -> str:
-        return f"calm:lambda={self.lam:g},tau={self.tau:g},min_exit={self.min_exit}"
+        """Canonical spec: lambda, tau and min_exit always; the other keys only when not default."""
+        extra = "".join(f",{key}={getattr(self, key)}" for key, default in (("measure", "softmax"), ("every", 1),
+                                                                            ("exit", "row"))
+                        if getattr(self, key) != default)
+        return f"calm:lambda={self.lam:g},tau={self.tau:g},min_exit={self.min_exit}{extra}"
 
     @property
     def name(self) -> str:
-        return f"CALM(lambda={self.lam:g})"
+        extra = "".join(f", {text}" for text, shown in (("state", self.measure == "state"),
+                                                        (f"every={self.every}", self.every != 1),
+                                                        ("exit=batch", self.exit == "batch")) if shown)
+        return f"CALM(lambda={self.lam:g}{extra})"
 
     def threshold(self, t, max_new_tokens: int):
-        """Exit threshold at decode step t: clip(0.9 lam + 0.1 exp(-tau t / N), 0, 1)."""
-        return np.clip(0.9 * self.lam + 0.1 * np.exp(-self.tau * np.asarray(t) / max_new_tokens), 0.0, 1.0)
+        """Exit threshold at decode step t: clip(0.9 lam + 0.1 exp(-tau t / N), 0, 1) for softmax
+        (the paper's: from 0.9 lam + 0.1 at t = 0 down towards 0.9 lam), and for state
+        clip(lam + 0.1 (1 - lam) exp(-tau t / N), 0, 1): the same value at t = 0, down
+        towards lam itself (docs/methods.md: similarities sit within 0.05 of 1, where the
+        paper's floor 0.1 lam below lam would let every layer exit)."""
+        decay = np.exp(-self.tau * np.asarray(t) / max_new_tokens)
+        if self.measure == "state":
+            return np.clip(self.lam + 0.1 * (1.0 - self.lam) * decay, 0.0, 1.0)
+        return np.clip(0.9 * self.lam + 0.1 * decay, 0.0, 1.0)
 
     def thresholds(self, max_new_tokens: int) -> np.ndarray:
         """(N,) float32: the threshold of every decode step, to hand to a compiled loop."""
@@ -218,7 +258,8 @@ def resolve(spec, *, num_layers: int, max_new_tokens: int) -> Schedule | CalmCon
         text = _preset_spec(str(spec))
         if text.partition(":")[0].strip() == "calm":
             _, values = _parse(text)
-            spec = CalmConfig(lam=values["lambda"], tau=values["tau"], min_exit=values["min_exit"])
+            spec = CalmConfig(lam=values["lambda"], tau=values["tau"], min_exit=values["min_exit"],
+                              measure=values["measure"], every=values["every"], exit=values["exit"])
     if isinstance(spec, CalmConfig):
         if spec.min_exit > num_layers:
             raise HsdError(f"calm: min_exit={spec.min_exit} is more than the model's {num_layers} layers")
@@ -368,6 +409,8 @@ def _parse(spec: str) -> tuple[str, dict]:
 
 
 def _number(text: str, kind: type, *, where: str):
+    if kind is str:
+        return text
     try:
         return kind(text)
     except ValueError:

@@ -1,9 +1,15 @@
 """Greedy and beam search, each written once, with transformers' semantics.
 
-A search sees only logits: `update(state, logits)` picks the next token of every row
-and returns the new state (reordering the KV cache it carries, for beams). The decode
-loop (`hsd_jax.generate`) decides which layers produce those logits, so the same
-search serves vanilla, SkipDecode, HSD, CALM and every execution mode.
+A search sees only logits: `update(state, logits, layers)` picks the next token of
+every row and returns the new state (reordering the KV cache it carries, for beams).
+The decode loop (`hsd_jax.engine`) decides which layers produce those logits, so the
+same search serves vanilla, SkipDecode, HSD, CALM and every execution mode.
+
+`layers` is how many layers each row ran to produce its logits: () for the whole batch
+(a schedule), or (R,) per row (CALM, whose rows exit at their own layers). The state
+keeps it with each row's tokens, so a beam's record follows the beam through reorders
+(token i of a hypothesis is made by its parent beam's row, with that row's layers) and
+a finished hypothesis keeps its own; `best_layers` gives the record of `best`'s tokens.
 
 Token i of the output is chosen by update number i (update 0 reads the prefill
 logits); `state.i` counts updates done, i.e. tokens generated so far.
@@ -25,6 +31,7 @@ _NEG = -1.0e9  # transformers' "impossible" score; kept identical so ties break 
 @struct.dataclass
 class GreedyState:
     tokens: jax.Array  # (B, N) int32, generated tokens; pad after a row finished
+    layers: jax.Array  # (B, N) int32, layers run to make each token
     finished: jax.Array  # (B,) bool
     i: jax.Array  # () int32, tokens generated so far
     cache: KVCache  # rows = B
@@ -42,19 +49,22 @@ class Greedy:
     def init(self, cache: KVCache, batch: int) -> GreedyState:
         return GreedyState(
             tokens=jnp.full((batch, self.max_new_tokens), self.pad_token_id, jnp.int32),
+            layers=jnp.zeros((batch, self.max_new_tokens), jnp.int32),
             finished=jnp.zeros((batch,), bool),
             i=jnp.zeros((), jnp.int32),
             cache=cache,
         )
 
-    def update(self, state: GreedyState, logits: jax.Array) -> GreedyState:
+    def update(self, state: GreedyState, logits: jax.Array, layers) -> GreedyState:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (B,)
         tok = jnp.where(state.finished, self.pad_token_id, tok)
         finished = state.finished
         if self.eos_token_id is not None:
             finished = finished | (tok == self.eos_token_id)
         tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, state.i))
-        return state.replace(tokens=tokens, finished=finished, i=state.i + 1)
+        made = jnp.broadcast_to(jnp.asarray(layers, jnp.int32), tok.shape)
+        layers = jax.lax.dynamic_update_slice(state.layers, made[:, None], (0, state.i))
+        return state.replace(tokens=tokens, layers=layers, finished=finished, i=state.i + 1)
 
     def last_tokens(self, state: GreedyState) -> jax.Array:
         return jax.lax.dynamic_slice_in_dim(state.tokens, state.i - 1, 1, axis=1)[:, 0]
@@ -70,12 +80,18 @@ class Greedy:
         """(B, N) tokens of each input."""
         return state.tokens
 
+    def best_layers(self, state: GreedyState) -> jax.Array:
+        """(B, N) layers run for each of `best`'s tokens."""
+        return state.layers
+
 
 @struct.dataclass
 class BeamState:
     running: jax.Array  # (B, K, N) int32, live hypotheses
+    running_layers: jax.Array  # (B, K, N) int32, layers run to make each of their tokens
     running_scores: jax.Array  # (B, K) f32, summed log-probs
     finished: jax.Array  # (B, K, N) int32, best completed hypotheses, best first
+    finished_layers: jax.Array  # (B, K, N) int32, their layers record
     finished_scores: jax.Array  # (B, K) f32, length-penalised
     finished_flag: jax.Array  # (B, K) bool, slot holds a completed hypothesis
     improvable: jax.Array  # (B,) bool, a live beam may still beat the worst finished one
@@ -104,16 +120,17 @@ class BeamSearch:
         """`cache` holds each of the `batch` prompts once; every beam gets a copy."""
         k, n, b = self.num_beams, self.max_new_tokens, batch
         filled = jnp.full((b, k, n), self.pad_token_id, jnp.int32)
+        zeros = jnp.zeros((b, k, n), jnp.int32)
         # Only beam 0 starts live, so the first update does not pick K copies of one token.
         scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG)
         return BeamState(
-            running=filled, running_scores=scores, finished=filled,
+            running=filled, running_layers=zeros, running_scores=scores, finished=filled, finished_layers=zeros,
             finished_scores=jnp.full((b, k), _NEG, jnp.float32), finished_flag=jnp.zeros((b, k), bool),
             improvable=jnp.ones((b,), bool), all_hit_stop=jnp.zeros((), bool),
             i=jnp.zeros((), jnp.int32), cache=cache.track_beams(k),
         )
 
-    def update(self, s: BeamState, logits: jax.Array) -> BeamState:
+    def update(self, s: BeamState, logits: jax.Array, layers) -> BeamState:
         b, k, n = s.running.shape
         vocab = logits.shape[-1]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
@@ -124,6 +141,11 @@ class BeamSearch:
         parent, tok = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         cand = jnp.take_along_axis(s.running, parent[:, :, None], axis=1)  # (B, 2K, N)
         cand = jax.lax.dynamic_update_slice(cand, tok[:, :, None], (0, 0, s.i))
+        # A candidate's new token was made by its parent beam's row, with that row's layers.
+        made = jnp.take_along_axis(jnp.broadcast_to(jnp.asarray(layers, jnp.int32), (b * k,)).reshape(b, k),
+                                   parent, axis=1)  # (B, 2K)
+        cand_layers = jnp.take_along_axis(s.running_layers, parent[:, :, None], axis=1)
+        cand_layers = jax.lax.dynamic_update_slice(cand_layers, made[:, :, None], (0, 0, s.i))
         hits = jnp.broadcast_to(s.i + 1 >= n, tok.shape)
         if self.eos_token_id is not None:
             hits = hits | (tok == self.eos_token_id)
@@ -132,6 +154,7 @@ class BeamSearch:
         run_lp = top_lp + hits * _NEG
         _, keep = jax.lax.top_k(run_lp, k)
         running = jnp.take_along_axis(cand, keep[:, :, None], axis=1)
+        running_layers = jnp.take_along_axis(cand_layers, keep[:, :, None], axis=1)
         running_scores = jnp.take_along_axis(run_lp, keep, axis=1)
         parents = jnp.take_along_axis(parent, keep, axis=1)  # (B, K) beam each survivor continues
 
@@ -147,6 +170,8 @@ class BeamSearch:
         merged = jnp.concatenate([s.finished, cand], axis=1)
         _, best = jax.lax.top_k(merged_scores, k)
         finished = jnp.take_along_axis(merged, best[:, :, None], axis=1)
+        merged_layers = jnp.concatenate([s.finished_layers, cand_layers], axis=1)
+        finished_layers = jnp.take_along_axis(merged_layers, best[:, :, None], axis=1)
         finished_scores = jnp.take_along_axis(merged_scores, best, axis=1)
         finished_flag = jnp.take_along_axis(merged_flag, best, axis=1)
 
@@ -159,8 +184,8 @@ class BeamSearch:
         worst = jnp.where(finished_flag, jnp.min(finished_scores, axis=1, keepdims=True), _NEG)
         improvable = s.improvable & jnp.any(best_possible > worst, axis=1)
         return BeamState(
-            running=running, running_scores=running_scores, finished=finished,
-            finished_scores=finished_scores, finished_flag=finished_flag, improvable=improvable,
+            running=running, running_layers=running_layers, running_scores=running_scores, finished=finished,
+            finished_layers=finished_layers, finished_scores=finished_scores, finished_flag=finished_flag, improvable=improvable,
             all_hit_stop=jnp.all(hits), i=i, cache=s.cache.reorder(parents),
         )
 
@@ -181,6 +206,10 @@ class BeamSearch:
     def best(self, s: BeamState) -> jax.Array:
         """(B, N) tokens of each input's best finished hypothesis."""
         return s.finished[:, 0]
+
+    def best_layers(self, s: BeamState) -> jax.Array:
+        """(B, N) layers run for each of `best`'s tokens (its own beams' rows, step by step)."""
+        return s.finished_layers[:, 0]
 
 
 def make_search(*, num_beams: int, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
