@@ -300,6 +300,8 @@ def _available_memory() -> int | None:
 
 def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backend: str | None = None) -> dict:
     """Times every run of a case side by side; returns the case's JSON record."""
+    if isinstance(case, CalmCase):
+        return run_calm_case(case, repeats, log=log)
     import jax
 
     from hsd_jax.schedules import resolve
@@ -528,6 +530,8 @@ def target_figures(result: dict, targets: Sequence[dict]) -> list[dict]:
 
 def case_rows(rec: dict) -> list[list[str]]:
     """One table row per run of a case."""
+    if rec.get("kind") == "calm":
+        return _calm_rows(rec)
     rows = []
     for r in rec["runs"]:
         rows.append([
@@ -548,6 +552,10 @@ HEADER = ["runner", "schedule", "avg layers", "tok/s", "vs HF", "speedup", "idea
           "compile s"]
 
 
+def _header(rec: dict) -> list[str]:
+    return {"calm": CALM_HEADER}.get(rec.get("kind"), HEADER)
+
+
 def _short(spec: str) -> str:
     return spec.replace(",T=64", "").replace(",warmup=0", "")
 
@@ -561,6 +569,10 @@ def _fmt(value, unit: str, pct: bool = False) -> str:
 def _case_title(rec: dict) -> str:
     if rec.get("skipped"):
         return rec["label"]
+    if rec.get("kind") == "calm":
+        w = rec["weights"]
+        return (f"{rec['label']}: LM head {w['head_bytes'] / 2**20:.1f} MiB = {w['head_over_layer']:.1f} layers' "
+                f"weights")
     bw = rec["bandwidth"]
     return (f"{rec['label']}: bandwidth {bw['bytes_per_second'] / 1e9:.2f} GB/s ({bw['probe']}), "
             f"roofline {rec['roofline_tokens_per_second']:.2f} tok/s")
@@ -575,8 +587,9 @@ def format_table(result: dict) -> str:
         lines += [f"  {note}" for note in rec.get("notes", [])]
         if not rec["runs"]:
             continue
-        rows = [HEADER] + case_rows(rec)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+        header = _header(rec)
+        rows = [header] + case_rows(rec)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for n, row in enumerate(rows):
             lines.append("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                           for i, (c, w) in enumerate(zip(row, widths))).rstrip())
@@ -640,7 +653,7 @@ def _rich_table(rec: dict, table_type):
     keeps its whole width."""
     table = table_type(title=_case_title(rec), title_justify="left")
     rows = case_rows(rec)
-    for i, h in enumerate(HEADER):
+    for i, h in enumerate(_header(rec)):
         widest = max((len(r[i]) for r in rows), default=0)
         table.add_column(h, justify="left" if h in ("runner", "schedule") else "right", overflow="fold",
                          min_width=None if h == "schedule" else widest)
@@ -690,6 +703,12 @@ def _tiny_schedule(spec: str, model: str, tiny_specs: list[str], new_tokens: int
 def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batches=None, beams=None,
                 runners=None, schedule_specs=None, dtype=None, new_tokens=None, dry_run=False) -> list[Case]:
     """The cases of a suite, with any axis replaced by the given overrides."""
+    if suite.get("kind") == "calm":
+        if prompts or (beams and set(beams) != {1}) or runners:
+            raise HsdError("a CALM suite takes its prompts from its models' settings, decodes greedily in compiled "
+                           "mode: leave out --prompt, --beams and --runners (--schedules gives the CALM specs)")
+        return build_calm_cases(suite, models=models, batches=batches, schedule_specs=schedule_specs, dtype=dtype,
+                                new_tokens=new_tokens, dry_run=dry_run)
     models = list(models or suite["models"])
     prompts = list(prompts or suite["prompts"])
     settings = [tuple(s) for s in suite["settings"]]
@@ -725,3 +744,259 @@ def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batc
     if suite.get("order") == "settings":  # every model at the first setting, then the next...
         return [case(m, p, s) for s in settings for p in prompts for m in models]
     return [case(m, p, s) for m in models for p in prompts for s in settings]
+
+
+# --- CALM: early exit against vanilla -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CalmCase:
+    """CALM settings against vanilla on one model, at every batch size, side by side.
+
+    Every run decodes the same `num_prompts` prompts per call, `batch` rows at a time
+    (compiled mode, greedy, all prompts padded to one width), so each batch size decodes
+    the same sequences: with per-sequence exits (the default) they get the same tokens and
+    layers at every batch size, which the record checks (`same_as_batch_1`). Prompts are
+    random token ids (`prompt_len` each, EOS off) for an ARCHS key, or
+    `hsd_jax.data.format_source` of the first distinct sources of `dataset` for a trained
+    model folder (EOS on: the model's own stopping, as in evaluation).
+    """
+
+    model: str  # an ARCHS key (random weights) or a Hugging Face folder (a trained model)
+    schedules: tuple[str, ...]  # CALM specs, each timed against vanilla
+    batches: tuple[int, ...] = (1, 8)
+    dataset: str | None = None  # trained models: a dataset name for `load_dataset_pairs`
+    split: str = "validation"
+    num_prompts: int = 8
+    prompt_len: int = 32  # random prompts
+    new_tokens: int = 64
+    dtype: str = "float32"
+    kind: str = "calm"
+
+    @property
+    def label(self) -> str:
+        name = self.model if self.model in ARCHS else os.path.basename(os.path.normpath(self.model))
+        weights = "random weights" if self.model in ARCHS else "trained"
+        return (f"{name} ({weights}) {self.dtype} CALM, {self.num_prompts} prompts at batch "
+                f"{'/'.join(map(str, self.batches))}, new={self.new_tokens}")
+
+
+def _calm_prompts(case: CalmCase, lm) -> list[list[int]]:
+    if case.dataset is None or lm.tokenizer is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, lm.config.vocab_size, (case.num_prompts, case.prompt_len)).tolist()
+    from hsd_jax.data import format_source, load_dataset_pairs
+
+    sources = list(dict.fromkeys(src for src, _ in load_dataset_pairs(case.dataset, case.split)))
+    return [lm.tokenizer.encode(format_source(src)) for src in sources[: case.num_prompts]]
+
+
+def calm_step_costs(gens, spec: str, sizes: dict[str, int], num_layers: int, max_new_tokens: int) -> tuple:
+    """(weight bytes, LM-head exit tests) a CALM (or vanilla) run's decode read, summed over
+    the `Generation`s of one call, from the layers each row ran at each step.
+
+    A step's program runs layer l for the whole batch while any row is below its exit, so
+    it runs the deepest row's n layers and propagates the K/V of the other L - n; the
+    softmax measure runs the LM head at every tested layer up to n (and after the last
+    layer when n = L); the state measure and vanilla run it once. Finished rows (after
+    their EOS) have no record and exit at their first test, so they add nothing.
+    """
+    from hsd_jax.calm import can_exit, layers_tested
+    from hsd_jax.schedules import CalmConfig, resolve
+
+    calm = resolve(spec, num_layers=num_layers, max_new_tokens=max_new_tokens)
+    tested = []
+    if isinstance(calm, CalmConfig) and calm.measure == "softmax" and can_exit(calm, num_layers, max_new_tokens):
+        tested = [l + 1 for l in layers_tested(num_layers, calm.min_exit, calm.every)]
+    total, tests = 0.0, 0
+    for g in gens:
+        rows = [r for r in g.layers_per_token if r]
+        for s in range(max(map(len, rows), default=0)):
+            n = max(r[s] for r in rows if len(r) > s)
+            step_tests = sum(m <= n for m in tested) if s > 0 else 0  # the prefill runs no test
+            heads = step_tests + (1 if n == num_layers or not tested else 0)
+            total += heads * sizes["head"] + n * sizes["layer"] + (num_layers - n) * sizes["kv"]
+            tests += step_tests
+    return total, tests
+
+
+def run_calm_case(case: CalmCase, repeats: int, log: Callable[[str], None] = print) -> dict:
+    """Times vanilla and every CALM setting at each batch size, side by side; returns the record.
+
+    Rounds alternate their order (forwards, then backwards) so that a drifting machine
+    weighs on every run alike, and `speedup_vs_vanilla` is the median over rounds of the
+    run's tokens/s over the same round's vanilla tokens/s (the same batch size; tokens/s,
+    not time, because early exits can change how long the outputs run before their EOS). Per run also: Avg. Layer,
+    the weight bytes per token its steps read (`calm_step_costs`) and the ideal speedup
+    they give, LM-head exit tests per decode step, the rows whose tokens equal vanilla's,
+    and whether each row's tokens and layers equal those it got at batch 1. Softmax runs
+    that never exit give the measured cost of one exit test (`ms_per_test`, and over a
+    vanilla decode step, `test_over_step`).
+    """
+    from hsd_jax.generate import generate
+
+    record: dict[str, Any] = {"kind": "calm", "case": dataclasses.asdict(case), "label": case.label, "runs": [],
+                              "notes": []}
+    if case.model not in ARCHS and not os.path.isdir(case.model):
+        record.update(skipped=True, notes=[f"skipped: no model folder {case.model} (train/commongen_small.sh "
+                                           "makes the reproduction's)"])
+        log(f"{case.label}: {record['notes'][0]}")
+        return record
+    if case.model in ARCHS:
+        lm = random_model(case.model, case.dtype)
+    else:
+        import hsd_jax
+
+        lm = hsd_jax.load(case.model, dtype=case.dtype)
+    L = lm.config.num_layers
+    sizes = weight_bytes(lm)  # before generate puts the model in the decode layout
+    record["weights"] = {**{f"{k}_bytes": v for k, v in sizes.items()}, "num_layers": L,
+                         "head_over_layer": sizes["head"] / sizes["layer"]}
+    rows = _calm_prompts(case, lm)
+    eos = lm.config.eos_token_id
+    log(f"{case.label}: {len(rows)} prompts from {case.dataset or 'random tokens'}, EOS {'on' if eos is not None else 'off'}")
+
+    def call_of(batch, spec):
+        def call():
+            return [generate(lm, input_ids=rows[i:i + batch], schedule=spec, max_new_tokens=case.new_tokens,
+                             eos_token_id=eos, pad_token_id=0, pad_to_multiple_of=32)
+                    for i in range(0, len(rows), batch)]
+        return call
+
+    runs = [Run(f"batch {b}", spec, call_of(b, spec)) for b in case.batches for spec in ("vanilla", *case.schedules)]
+    for run in runs:
+        start = time.perf_counter()
+        run.output = run.call()
+        run.compile_seconds = sum(g.compile_seconds for g in run.output)
+        run.warmup_seconds = time.perf_counter() - start
+        log(f"  warm-up {run.runner:9s} {run.schedule:44s} {run.warmup_seconds:7.2f}s "
+            f"(compile {run.compile_seconds:.2f}s)")
+    for r in range(repeats):
+        for run in (runs if r % 2 == 0 else runs[::-1]):
+            start = time.perf_counter()
+            out = run.call()
+            run.seconds.append(time.perf_counter() - start)
+            run.recompiled |= any(g.compile_seconds > 0 for g in out)
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{run.runner[6:]}/{_short(run.schedule)} {run.seconds[-1]:.2f}s"
+                                                     for run in runs))
+    vanilla = {run.runner: run for run in runs if run.schedule == "vanilla"}
+    first = {run.schedule: run for run in runs if run.runner == runs[0].runner}
+    for run in runs:
+        gens, base = run.output, vanilla[run.runner]
+        batch = int(run.runner.split()[1])
+        tokens = sum(g.num_tokens for g in gens)
+        seconds = statistics.median(run.seconds)
+        step_bytes, tests = calm_step_costs(gens, run.schedule, sizes, L, case.new_tokens)
+        base_bytes, _ = calm_step_costs(base.output, "vanilla", sizes, L, case.new_tokens)
+        base_tokens = sum(g.num_tokens for g in base.output)
+        sequences = [s for g in gens for s in g.sequences]
+        layers = [x for g in gens for x in g.layers_per_token]
+        decode_steps = sum(g.num_steps - 1 for g in gens)  # steps after the prefill, per call
+        entry = {
+            "runner": "compiled", "batch": batch, "schedule": run.schedule, "tokens": tokens,
+            "seconds_median": seconds, "seconds": run.seconds, "tokens_per_second": tokens / seconds,
+            "spread": max(run.seconds) / min(run.seconds), "compile_seconds": run.compile_seconds,
+            "warmup_seconds": run.warmup_seconds, "recompiled_while_timed": run.recompiled,
+            "avg_layers": sum(map(sum, layers)) / tokens,
+            # tokens/s over vanilla's, per round: CALM may change the outputs' lengths (EOS on)
+            "speedup_vs_vanilla": statistics.median((tokens / s) / (base_tokens / b)
+                                                    for b, s in zip(base.seconds, run.seconds)),
+            "weight_bytes_per_token": step_bytes / tokens,
+            "ideal_speedup": (base_bytes / base_tokens) / (step_bytes / tokens),
+            "tests_per_step": tests / decode_steps if decode_steps else 0.0,
+            "tokens_equal_vanilla": float(np.mean([a == b for a, b in zip(sequences, [s for g in base.output
+                                                                                      for s in g.sequences])])),
+        }
+        if run.runner != runs[0].runner:
+            ref = first[run.schedule].output
+            entry["same_as_batch_1"] = sequences == [s for g in ref for s in g.sequences] and \
+                layers == [x for g in ref for x in g.layers_per_token]
+        if tests and entry["avg_layers"] == L:  # tests that never exited: their cost alone
+            per_step = statistics.median(base.seconds) / sum(g.num_steps - 1 for g in base.output)
+            entry["ms_per_test"] = 1e3 * (seconds - statistics.median(base.seconds)) / tests
+            entry["test_over_step"] = entry["ms_per_test"] / 1e3 / per_step
+        record["runs"].append(entry)
+    record["notes"] += calm_figures(record)
+    del runs, lm
+    gc.collect()
+    return record
+
+
+def calm_figures(rec: dict) -> list[str]:
+    """The issue's CPU targets, as figures for the report (batch 1 = the smallest batch)."""
+    runs = [r for r in rec["runs"] if r["batch"] == min(r["batch"] for r in rec["runs"])]
+    L = rec["weights"]["num_layers"]
+    from hsd_jax.calm import can_exit
+    from hsd_jax.schedules import CalmConfig, resolve
+
+    def calm(r):
+        c = resolve(r["schedule"], num_layers=L, max_new_tokens=rec["case"]["new_tokens"])
+        return c if isinstance(c, CalmConfig) else None
+
+    lines = []
+    state = [r for r in runs if calm(r) and calm(r).measure == "state"]
+    shallow = [r for r in state if r["avg_layers"] <= 0.6 * L]
+    if shallow:
+        best = max(shallow, key=lambda r: r["speedup_vs_vanilla"])
+        lines.append(f"state measure at <= 60% of the layers, batch {best['batch']}: {best['speedup_vs_vanilla']:.2f}x "
+                     f"vanilla at {best['avg_layers']:.2f} layers ({_short(best['schedule'])}), target 1.30x")
+    if state:
+        worst = min(state, key=lambda r: r["speedup_vs_vanilla"])
+        lines.append(f"slowest state-measure setting: {worst['speedup_vs_vanilla']:.2f}x vanilla "
+                     f"({_short(worst['schedule'])}, {worst['avg_layers']:.2f} layers), target >= 0.80x")
+    for r in runs:
+        c = calm(r)
+        if c and not can_exit(c, L, rec["case"]["new_tokens"]):
+            lines.append(f"{_short(r['schedule'])} (cannot exit, no test): {r['speedup_vs_vanilla']:.2f}x vanilla, "
+                         "target >= 0.90x")
+        if "ms_per_test" in r:
+            lines.append(f"{_short(r['schedule'])}: an exit test (LM head, {rec['weights']['head_over_layer']:.1f} "
+                         f"layers' weights) costs {r['ms_per_test']:.2f} ms, {100 * r['test_over_step']:.0f}% of a "
+                         f"vanilla step; {r['tests_per_step']:.1f} tests per step")
+    return lines
+
+
+CALM_HEADER = ["batch", "schedule", "avg layers", "tok/s", "speedup", "ideal", "tests/step", "same b1", "=vanilla",
+               "compile s"]
+
+
+def _calm_rows(rec: dict) -> list[list[str]]:
+    rows = []
+    for r in rec["runs"]:
+        calm = r["schedule"] != "vanilla"
+        same = r.get("same_as_batch_1")
+        rows.append([
+            str(r["batch"]), _short(r["schedule"]), f"{r['avg_layers']:.2f}",
+            f"{r['tokens_per_second']:.1f}" + ("*" if r.get("spread", 1.0) > NOISY else ""),
+            _fmt(r["speedup_vs_vanilla"], "x") if calm else "", _fmt(r["ideal_speedup"], "x") if calm else "",
+            f"{r['tests_per_step']:.1f}" if calm else "", "" if same is None else ("yes" if same else "NO"),
+            f"{100 * r['tokens_equal_vanilla']:.0f}%" if calm else "", f"{r['compile_seconds']:.1f}",
+        ])
+    return rows
+
+
+def build_calm_cases(suite: dict, *, models=None, batches=None, schedule_specs=None, dtype=None, new_tokens=None,
+                     dry_run=False) -> list[CalmCase]:
+    """The cases of a CALM suite (`"kind": "calm"` in `hsd_jax.bench_suites`): each model of
+    `models` (name -> its settings: schedules, dataset, new_tokens, prompt_len) at every
+    batch size. --model takes the suite's settings for a model it names (and needs
+    --schedules for another); --dry-run runs tiny random GPT-2 on two prompts."""
+    known = suite["models"]
+    cases = []
+    for model in models or list(known):
+        settings = dict(known.get(model, {}))
+        specs = schedule_specs if schedule_specs else settings.get("schedules")
+        if not specs:
+            raise HsdError(f"the CALM suite has no settings for {model}; give its CALM specs with --schedules")
+        case = CalmCase(model=model, schedules=tuple(dict.fromkeys(specs)),
+                        batches=tuple(batches or suite.get("batches", (1, 8))), dataset=settings.get("dataset"),
+                        split=settings.get("split", "validation"), num_prompts=suite.get("num_prompts", 8),
+                        prompt_len=settings.get("prompt_len", 32),
+                        new_tokens=new_tokens or settings.get("new_tokens", 64),
+                        dtype=dtype or suite.get("dtype", "float32"))
+        if dry_run:
+            case = dataclasses.replace(case, model="tiny-gpt2", dataset=None, num_prompts=2, batches=(1, 2),
+                                       prompt_len=8, new_tokens=min(case.new_tokens, 8),
+                                       schedules=tuple(suite.get("dry_run_schedules", case.schedules)))
+        cases.append(case)
+    return cases

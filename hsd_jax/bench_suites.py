@@ -8,6 +8,12 @@ Command-line flags replace any axis (--model, --prompt, --batch/--beams,
 --schedules, --runners, --repeats, --dtype). `--suites-file PY` reads a Python file
 of your own that defines `SUITES` (and `SCHEDULES`) in this form instead.
 
+A suite with `"kind": "calm"` times CALM against vanilla (`hsd_jax.bench.CalmCase`):
+`models` maps each model (an architecture, random weights, or a trained folder) to its
+settings (CALM `schedules`, `dataset` for a folder's prompts, `new_tokens`,
+`prompt_len`), timed at each of `batches` over the same `num_prompts` prompts
+(--model, --batch and --schedules replace them).
+
 A suite's `targets` are figures the report prints next to a target value, for every
 case and run a target applies to:
   name    what the figure is, in the report line
@@ -92,4 +98,28 @@ SUITES = {
         "repeats": 3,
         "order": "settings",  # both models at batch 1 first, in case the time limit cuts the rest
     },
+}
+
+# CALM against vanilla (`hsd-jax bench --suite calm`, docs/performance.md "CALM: per-sequence
+# exits"): each measure at three thresholds, softmax response tested only at every 4th layer,
+# and lambda > 1 (cannot exit: compiled with no exit test), at batch 1 and 8 over the same
+# prompts, on random GPT-2 small weights (never confident: softmax runs its tests without
+# exiting, which measures what a test costs) and on the CommonGen reproduction's trained
+# model (train/commongen_small.sh; the case is skipped where that folder is missing).
+CALM_MODELS = {
+    "gpt2": {"new_tokens": 32, "prompt_len": 32, "schedules": [
+        "calm:lambda=1.5", "calm:lambda=0.02", "calm:lambda=0.02,every=4",
+        "calm:lambda=0.85,measure=state", "calm:lambda=0.9,measure=state", "calm:lambda=0.93,measure=state"]},
+    "runs/commongen_small": {"dataset": "common_gen", "split": "validation", "new_tokens": 32, "schedules": [
+        "calm:lambda=1.5", "calm:lambda=0.02", "calm:lambda=0.3", "calm:lambda=0.8", "calm:lambda=0.3,every=4",
+        "calm:lambda=0.98,measure=state", "calm:lambda=0.99,measure=state", "calm:lambda=0.995,measure=state"]},
+}
+SUITES["calm"] = {
+    "kind": "calm",
+    "models": CALM_MODELS,
+    "batches": [1, 8],
+    "num_prompts": 8,
+    "dtype": "float32",
+    "repeats": 3,
+    "dry_run_schedules": ["calm:lambda=1.5", "calm:lambda=0.02", "calm:lambda=0.9,measure=state"],
 }

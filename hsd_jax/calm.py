@@ -27,12 +27,14 @@ whose next token can still change the output: every beam, but not a greedy row t
 emitted EOS (it only emits pad from then on); a row that is not live exits at its first
 test.
 
-Thresholds: `λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1)` at decode step t, for either
-measure, with two endpoint rules **(choice)** so that the extremes mean what a user
-expects: `λ = 0` exits at the first test at every step, and `λ > 1`, or any step whose
-`λ_t` reaches the clip ceiling 1, never exits while a row is live (a confidence of 1
-can only come from float rounding). A setting that cannot exit at all (`λ > 1`, or no
-test below the last layer) compiles no exit test: its step is the plain all-layer step.
+Thresholds (`CalmConfig.threshold`): `λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1)` at
+decode step t for softmax, `clip(λ + 0.1 (1 - λ) exp(-τ t / N), 0, 1)` for state (the
+same start, decaying towards λ: similarities sit near 1, docs/methods.md), with two
+endpoint rules **(choice)** so that the extremes mean what a user expects: `λ = 0`
+exits at the first test at every step, and `λ > 1`, or any step whose `λ_t` reaches
+the clip ceiling 1, never exits while a row is live (a confidence of 1 can only come
+from float rounding). A setting that cannot exit at all (`λ > 1`, or no test below the
+last layer) compiles no exit test: its step is vanilla's (compiled mode).
 
 CALM is a step strategy of the decode engine (`CalmSteps`), in three forms over the
 same primitives (the family's `block`, `kv` and `head`), all reading the weights in the
@@ -123,12 +125,6 @@ def exits(ok, running, live, rule: str):
     return running & jnp.all(ready | ~running)
 
 
-def confident(logits: jax.Array, threshold, live: jax.Array) -> jax.Array:
-    """The batch rule's test on (R, V) logits, () bool: every live row's softmax
-    response reaches `threshold` (rows that are not live are left out)."""
-    return jnp.all((confidence(logits) >= threshold) | ~live)
-
-
 def calm_layers(params, config: ModelConfig, h, ctx, cache: KVCache, threshold, min_exit, every, live, *,
                 measure: str = "softmax", rule: str = "row"):
     """One decode step's layers with data-dependent exits (traceable).
@@ -204,14 +200,15 @@ def calm_step(config: ModelConfig, thresholds, min_exit, every=1, *, measure: st
     return step
 
 
-def full_step(config: ModelConfig):
-    """The step of a setting that cannot exit: every layer, the head once, no test (the
-    vanilla step, static form)."""
-    ops = (RUN,) * config.num_layers
+def full_step(config: ModelConfig, ops):
+    """The step of a setting that cannot exit: every layer, the head once, no test. `ops`
+    is vanilla's (N, L) op table (all RUN) as a program argument, so the step is the one
+    vanilla's compiled program runs (`hsd_jax.engine.schedule_step`)."""
 
     def step(params, tokens, cache, t, live):
-        logits, cache = decode_step(params, config, tokens, cache, ops)
-        return logits, cache, jnp.asarray(config.num_layers, jnp.int32)
+        row = ops[t]
+        logits, cache = decode_step(params, config, tokens, cache, row)
+        return logits, cache, jnp.asarray(jnp.sum(row == RUN), jnp.int32)  # L, counted as vanilla counts
 
     return step
 
@@ -261,7 +258,7 @@ class CalmSteps:
     "static" runs the compiled program too (CALM has no schedule to bake in). The
     program is keyed by the measure and exit rule, not by lambda, tau, min_exit or
     every: they are arguments, so changing them does not recompile. A setting that
-    cannot exit (`can_exit`) gets the plain all-layer step, with no exit test.
+    cannot exit (`can_exit`) gets vanilla's compiled step, with no exit test.
     """
 
     calm: CalmConfig
@@ -275,13 +272,14 @@ class CalmSteps:
 
     def arguments(self) -> tuple:
         if not self._exits():
-            return ()
+            return (jnp.full((self.max_new_tokens, self.num_layers), RUN, jnp.int32),)
         return (jnp.asarray(self._thresholds()), jnp.asarray(self.calm.min_exit, jnp.int32),
                 jnp.asarray(self.calm.every, jnp.int32))
 
     def decode(self, params, config, search, state, loop, *arguments):
         if not self._exits():
-            return loop(params, search, state, full_step(config))
+            (ops,) = arguments
+            return loop(params, search, state, full_step(config, ops))
         thresholds, min_exit, every = arguments
         step = calm_step(config, thresholds, min_exit, every, measure=self.calm.measure, rule=self.calm.exit)
         return loop(params, search, state, step)

@@ -361,8 +361,11 @@ def _count(jaxpr, what) -> int:
 
 @pytest.mark.parametrize("arch", ["gpt2", "phi"])
 def test_a_setting_that_cannot_exit_compiles_no_exit_test(tmp_path, arch):
-    """lambda > 1 (and min_exit at the last layer: no test below it) gives the plain step: one LM-head product
-    and no cond. The state measure needs no head for its tests; softmax one per layer."""
+    """lambda > 1 (and min_exit at the last layer: no test below it) gives vanilla's compiled
+    step: one LM-head product, no exit test. The state measure needs no head for its tests;
+    softmax one per layer."""
+    from hsd_jax.engine import schedule_step
+
     vocab = 120  # no other product of these models has 120 outputs
     (make_gpt2 if arch == "gpt2" else make_phi)(tmp_path, vocab=vocab, initializer_range=0.3)
     lm = hsd_jax.load(tmp_path)
@@ -371,21 +374,28 @@ def test_a_setting_that_cannot_exit_compiles_no_exit_test(tmp_path, arch):
     cache = KVCache.init(config, 2, 8).replace(index=jnp.asarray(3, jnp.int32))
     tokens, live = jnp.asarray([1, 2], jnp.int32), jnp.ones((2,), bool)
 
+    def trace(step, *arguments):
+        return jax.make_jaxpr(lambda p, c, *a: step(p, tokens, c, 0, live))(params, cache, *arguments)
+
     def counts(spec):
         strategy = CalmSteps(resolve(spec, num_layers=L, max_new_tokens=NEW), NEW, L)
-        step = strategy.decode(params, config, None, None, lambda params, search, state, step: step,
-                               *strategy.arguments())
-        jaxpr = jax.make_jaxpr(lambda p, c: step(p, tokens, c, 0, live))(params, cache).jaxpr
+        arguments = strategy.arguments()
+        step = strategy.decode(params, config, None, None, lambda params, search, state, step: step, *arguments)
+        jaxpr = trace(step, *arguments).jaxpr
         heads = _count(jaxpr, lambda e: e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == vocab)
         conds = _count(jaxpr, lambda e: e.primitive.name == "cond")
-        return strategy.program_key(), heads, conds
+        return strategy.program_key(), heads, conds, str(jaxpr)
 
-    assert counts("calm:lambda=1.5") == (("calm", "never"), 1, 0)
-    assert counts("calm:lambda=1.5,measure=state") == (("calm", "never"), 1, 0)
-    assert counts(f"calm:lambda=0.3,min_exit={L}") == (("calm", "never"), 1, 0)
-    key, heads, conds = counts("calm:lambda=0.9,measure=state")
+    ops = jnp.zeros((NEW, L), jnp.int32)
+    vanilla = str(trace(schedule_step(config, lambda t: ops[t]), ops).jaxpr)
+    for spec in ("calm:lambda=1.5", "calm:lambda=1.5,measure=state", "calm:lambda=1,measure=state",
+                 f"calm:lambda=0.3,min_exit={L}"):
+        key, heads, conds, text = counts(spec)
+        assert key == ("calm", "never") and heads == 1 and conds == L, spec  # a lax.switch per layer, as vanilla
+        assert text == vanilla, spec  # the very step of vanilla's compiled program
+    key, heads, conds, _ = counts("calm:lambda=0.9,measure=state")
     assert key == ("calm", "state", "row") and heads == 1 and conds == L  # a skip cond per layer, no head
-    key, heads, conds = counts("calm:lambda=0.3")
+    key, heads, conds, _ = counts("calm:lambda=0.3")
     assert key == ("calm", "softmax", "row") and heads == L  # a head per test layer, and the last layer's
 
 
@@ -447,3 +457,54 @@ def test_presets_and_bad_specs(lm):
         run(lm, f"calm:lambda=0.1,min_exit={lm.config.num_layers + 1}")
     with pytest.raises(HsdError, match="lambda"):
         run(lm, "calm:lambda=-1")
+
+
+def test_bench_counts_what_each_calm_step_reads():
+    """`calm_step_costs`: per step the deepest row's layers, K/V projections for the rest, and
+    for softmax one LM head per tested layer it reaches (plus the last layer's)."""
+    from types import SimpleNamespace
+
+    from hsd_jax.bench import calm_step_costs
+
+    sizes = {"head": 1000, "layer": 100, "kv": 10}
+    # Two rows of one call, L = 4, 3 tokens each: the prefill (4), then steps exiting at (2, 1) and (4, 3).
+    gens = [SimpleNamespace(layers_per_token=[[4, 2, 4], [4, 1, 3]])]
+    prefill = 1000 + 4 * 100
+    # softmax, min_exit 1: tests after layers 1, 2, 3. Step 1 reaches 2 (tests 1, 2); step 2 reaches 4 (tests 1-3 + head).
+    total, tests = calm_step_costs(gens, "calm:lambda=0.5", sizes, 4, 3)
+    assert tests == 2 + 3
+    assert total == prefill + (2 * 1000 + 2 * 100 + 2 * 10) + (4 * 1000 + 4 * 100)
+    total, tests = calm_step_costs(gens, "calm:lambda=0.5,every=2", sizes, 4, 3)  # tests after layers 1 and 3
+    assert tests == 1 + 2 and total == prefill + (1000 + 2 * 100 + 2 * 10) + (3 * 1000 + 4 * 100)
+    total, tests = calm_step_costs(gens, "calm:lambda=0.5,measure=state", sizes, 4, 3)  # one head a step
+    assert tests == 0 and total == prefill + (1000 + 2 * 100 + 2 * 10) + (1000 + 4 * 100)
+    vanilla = [SimpleNamespace(layers_per_token=[[4, 4, 4], [4, 4]])]  # the second row ended (EOS) a step early
+    assert calm_step_costs(vanilla, "vanilla", sizes, 4, 3) == (3 * prefill, 0)
+
+
+def test_bench_calm_suite_runs_side_by_side(tmp_path):
+    """`hsd-jax bench --suite calm --dry-run`: every setting at both batch sizes, each row's
+    tokens and layers the same at batch 2 as at batch 1, no exit test where none can pass."""
+    import json
+
+    from hsd_jax.cli import main
+
+    out = tmp_path / "calm.json"
+    assert main(["bench", "--suite", "calm", "--dry-run", "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    for case in result["cases"]:
+        assert case["kind"] == "calm" and not case.get("skipped")
+        L = case["weights"]["num_layers"]
+        runs = {(r["batch"], r["schedule"]): r for r in case["runs"]}
+        assert {b for b, _ in runs} == {1, 2} and {"vanilla", "calm:lambda=1.5"} <= {s for _, s in runs}
+        for (batch, spec), r in runs.items():
+            assert r["tokens"] == 2 * case["case"]["new_tokens"] and r["tokens_per_second"] > 0
+            assert r["speedup_vs_vanilla"] > 0 and not r["recompiled_while_timed"]
+            if batch == 2:
+                assert r["same_as_batch_1"], spec
+        never = runs[(1, "calm:lambda=1.5")]
+        assert never["avg_layers"] == L and never["tests_per_step"] == 0 and never["ideal_speedup"] == 1.0
+        softmax = runs[(1, "calm:lambda=0.02")]  # random weights are never confident: every test runs
+        assert softmax["avg_layers"] == L and softmax["tests_per_step"] == L - 1 and "ms_per_test" in softmax
+        assert softmax["ideal_speedup"] < 1
+        assert runs[(1, "calm:lambda=0.9,measure=state")]["tests_per_step"] == 0
