@@ -266,7 +266,7 @@ def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
         print(f"{args.output} already holds all {done} rows; nothing to decode", file=sys.stderr)
         out.finish()
         return 0
-    lm = hsd_jax.load(args.model, dtype=args.dtype)
+    lm = hsd_jax.load(args.model, dtype=args.dtype, layout="decode")  # it only decodes: no stacked copy
     if lm.tokenizer is None:
         raise HsdError(f"{args.model} has no tokenizer files; generate needs them to encode text prompts")
     options = dict(
