@@ -735,6 +735,34 @@ def _failures_explained(out: Path, manager):
                        f"{_resume_hint(out, manager)}") from None
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C or SIGTERM inside the block takes effect when it ends. Orbax starts a save's
+    background threads inside `save`; interrupted half-way, it no longer tracks them, so
+    `wait_until_finished` returns while they still write, and they die at exit with a
+    traceback (and a torn checkpoint)."""
+    import signal
+
+    caught = []
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:  # the first signal, as its own handler would have taken it
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
+
+
 def _disk_full(err: BaseException | None) -> OSError | None:
     """The ENOSPC / EDQUOT error behind `err`, if any (a writer's error may come wrapped)."""
     seen = set()
@@ -793,11 +821,13 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
     run = _setup(cfg, out, previous)
     if isinstance(run, TrainResult):  # a resume with nothing left to do
         return run
-    with _failures_explained(out, run.manager):
-        log = _loop(run)
-        if run.lead:
-            _export(out, run.lm, run.trained_params(), run.record, run.end)
-    run.manager.close()
+    try:
+        with _failures_explained(out, run.manager):
+            log = _loop(run)
+            if run.lead:
+                _export(out, run.lm, run.trained_params(), run.record, run.end)
+    finally:
+        run.manager.close()  # joins Orbax's writer threads, so none is cut off at exit
     return TrainResult(steps=run.end, losses=log.losses, eval_losses=log.eval_losses,
                        trainable_params=run.record["trainable_params"], learning_rates=log.learning_rates,
                        **run.summary)
@@ -1003,7 +1033,8 @@ def _loop(run: _Run) -> _StepLog:
                 log.write(*pending, eval_loss=run.evaluate() if due_eval else None)  # the log never lags a checkpoint
                 pending = None
             if due_save:
-                run.manager.save(done, args=ocp.args.StandardSave(run.state))
+                with _signals_deferred():
+                    run.manager.save(done, args=ocp.args.StandardSave(run.state))
         if pending is not None:
             log.write(*pending)
         run.manager.wait_until_finished()

@@ -137,6 +137,38 @@ def test_sigterm_during_training_names_the_checkpoint_to_resume_from(model, tmp_
     assert "Traceback" not in err and "last intact checkpoint is step" in err and "--resume" in err, err
 
 
+SIGTERM_INSIDE_A_SAVE = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+from hsd_jax import cli
+
+save = ocp.CheckpointManager.save
+
+def save_after_a_signal(self, step, *args, **kwargs):
+    if step == 4:  # the signal lands while Orbax starts the save's writer threads
+        os.kill(os.getpid(), signal.SIGTERM)
+    return save(self, step, *args, **kwargs)
+
+ocp.CheckpointManager.save = save_after_a_signal
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_inside_a_checkpoint_save_finishes_that_save_first(model, tmp_path):
+    # Before the fix the interrupt cut the save short: its writer threads outlived
+    # `wait_until_finished` and died at exit with a traceback (a flaky CI failure).
+    pairs = data.write_jsonl([(f"cat dog {i}", f"the cat sees dog {i}.") for i in range(400)], tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    argv = ["train", "--model", model, "--train-file", pairs, "--output", out, "--batch-size", "4",
+            "--epochs", "1", "--save-every", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_A_SAVE, *map(str, argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr and "last intact checkpoint is step 4" in proc.stderr, proc.stderr
+    assert (out / "checkpoints" / "4").is_dir() and not (out / "checkpoints" / "6").exists()
+
+
 def test_resume_refuses_rows_made_with_other_options(model, prompt_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--model", model, "--input-file", prompt_file, "--output", out, "--batch-size", "2"]
