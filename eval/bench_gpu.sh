@@ -9,7 +9,15 @@
 #   eval/bench_gpu.sh              # on the GPU machine
 #   eval/bench_gpu.sh --dry-run    # tiny models of the same families, 1 repeat: runs on CPU in ~2 min
 #
-# Extra arguments go to `hsd-jax bench` (e.g. --repeats 5, --json PATH).
+# Then self-speculative greedy decoding (`draft=`, docs/methods.md), the speculative-gpu
+# suite: a trained model's vanilla compiled greedy against HSD / SkipDecode drafts x k = 1..4,
+# batch 1 and 32, in the same rounds (runs/bench/gpu-speculative.json). The model is
+# $SPEC_MODEL, by default the offline demo's (hsd-jax-demo/model), which the script trains
+# first when it is absent (`hsd-jax demo`: ~3.5 min on 2 CPU cores). Sized for under 4
+# more minutes (`--max-seconds 150`, `timeout 230`), training apart.
+#
+# Extra arguments go to both `hsd-jax bench` runs (e.g. --repeats 5, --dry-run); --json
+# applies to the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
@@ -20,5 +28,21 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Let XLA take what it needs on the device instead of 75% up front (Phi-2 needs ~12 GB).
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 "$PY" -c "import jax; print('backend:', jax.default_backend(), jax.devices())"
-exec timeout --signal=INT 470 "$PY" -m hsd_jax.cli bench --suite gpu --max-seconds 330 \
-  --json runs/bench/gpu.json "$@"
+status=0
+timeout --signal=INT 470 "$PY" -m hsd_jax.cli bench --suite gpu --max-seconds 330 \
+  --json runs/bench/gpu.json "$@" || status=$?
+
+SPEC_MODEL="${SPEC_MODEL:-hsd-jax-demo/model}"
+spec_args=()  # the extra arguments but --json, which names the first run's file
+skip=0
+for a in "$@"; do
+  if [ "$skip" = 1 ]; then skip=0; continue; fi
+  case "$a" in --json) skip=1 ;; --json=*) ;; *) spec_args+=("$a") ;; esac
+done
+if [[ " $* " != *" --dry-run "* && ! -d "$SPEC_MODEL" ]]; then
+  echo "no model at $SPEC_MODEL: training the offline demo's (hsd-jax demo --output hsd-jax-demo)"
+  "$PY" -m hsd_jax.cli demo --output hsd-jax-demo
+fi
+timeout --signal=INT 230 "$PY" -m hsd_jax.cli bench --suite speculative-gpu --model "$SPEC_MODEL" \
+  --max-seconds 150 --json runs/bench/gpu-speculative.json ${spec_args[@]+"${spec_args[@]}"} || status=$?
+exit "$status"

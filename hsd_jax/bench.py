@@ -300,6 +300,8 @@ def _available_memory() -> int | None:
 
 def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backend: str | None = None) -> dict:
     """Times every run of a case side by side; returns the case's JSON record."""
+    if isinstance(case, SpeculativeCase):
+        return run_speculative_case(case, repeats, log=log)
     if isinstance(case, CalmCase):
         return run_calm_case(case, repeats, log=log)
     import jax
@@ -421,6 +423,229 @@ def _nbytes_estimate(arch: str, dtype: str) -> dict[str, int]:
     return {"/".join(k): int(np.prod(v)) * item for k, v in shapes.items()}
 
 
+# --- self-speculative decoding --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeCase:
+    """Vanilla compiled greedy against self-speculative greedy (`draft=`, hsd_jax.speculative),
+    timed side by side on a trained model: acceptance is a property of the weights, so random
+    ones say nothing about speed (an ARCHS key still runs, for --dry-run).
+
+    Prompts are `hsd_jax.data.format_source` of the first `num_prompts` distinct sources of
+    `dataset` (a dataset name, or a .jsonl/.json/.csv file; "{model}" in it stands for the
+    model folder), decoded in batches of `batch` rows, EOS on (both runs stop at the same
+    tokens). Every run decodes all of them once per round.
+    """
+
+    model: str  # a Hugging Face folder, or an ARCHS key (random weights)
+    batch: int
+    drafts: tuple[str, ...]
+    num_draft_tokens: tuple[int, ...]
+    dataset: str | None = "common_gen"  # None: random token prompts
+    split: str = "validation"
+    num_prompts: int = 16
+    new_tokens: int = 32
+    dtype: str = "float32"
+    kind: str = "speculative"
+
+    @property
+    def label(self) -> str:
+        name = self.model if self.model in ARCHS else os.path.basename(os.path.normpath(self.model))
+        return f"{name} {self.dtype} speculative greedy batch={self.batch} new={self.new_tokens}"
+
+
+def _speculative_model(case: SpeculativeCase):
+    if case.model in ARCHS:
+        return random_model(case.model, case.dtype)
+    import hsd_jax
+
+    return hsd_jax.load(case.model, dtype=case.dtype)
+
+
+def _speculative_prompts(case: SpeculativeCase, lm) -> list[list[int]]:
+    """Token rows of the case's prompts (random 8-token rows without a dataset or tokenizer)."""
+    if case.dataset is None or lm.tokenizer is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, lm.config.vocab_size, (case.num_prompts, 8)).tolist()
+    from hsd_jax.data import format_source, load_dataset_pairs, read_pairs
+
+    where = case.dataset.format(model=case.model)
+    pairs = read_pairs(where) if os.path.splitext(where)[1] else load_dataset_pairs(where, case.split)
+    sources = list(dict.fromkeys(src for src, _ in pairs))[: case.num_prompts]
+    return [lm.tokenizer.encode(format_source(src)) for src in sources]
+
+
+class StepCosts:
+    """What a round is made of, timed in the same rounds as the runs: a one-token decode step
+    of all layers (the compiled program's step: a `lax.switch` per layer), a draft step of
+    each draft (its row for the middle decode step), and the verify pass over k + 1
+    positions for each k in both its forms (`hsd_jax.speculative.verify`: "rows", one
+    product of k + 1 rows per matrix; "positions", k + 1 one-row products per matrix,
+    layer by layer); each a jitted loop of `n` calls, in milliseconds per call."""
+
+    def __init__(self, lm, batch: int, width: int, new_tokens: int, drafts, ks, n: int = 50):
+        import jax
+        import jax.numpy as jnp
+
+        from hsd_jax.engine import schedule_step
+        from hsd_jax.models import KVCache
+        from hsd_jax.schedules import resolve
+        from hsd_jax.speculative import VERIFY_FORMS, verify
+
+        params, config = lm.to_layout("decode").params, lm.config
+        cache = KVCache.init(config, batch, width + new_tokens + max(ks) + 1, jax.tree.leaves(params)[0].dtype)
+        self.cache = cache.replace(valid=cache.valid.at[:, :width].set(True), index=jnp.asarray(width, jnp.int32))
+        self.params, self.n = params, n
+        middle = new_tokens // 2
+
+        def steps(ops, t):
+            step = schedule_step(config, lambda t: ops[t])
+
+            def run(params, cache, ops):
+                def body(_, c):
+                    tok, cache = c
+                    logits, new, _ = step(params, tok, cache, t, jnp.ones(tok.shape, bool))
+                    return jnp.argmax(logits, -1).astype(jnp.int32), new.replace(index=cache.index, valid=cache.valid)
+                return jax.lax.fori_loop(0, n, body, (jnp.zeros((batch,), jnp.int32), cache))
+            return jax.jit(run), jnp.asarray(ops, jnp.int32)
+
+        def verifies(k, form):
+            def run(params, cache):
+                def body(_, c):
+                    tok, cache = c
+                    logits, new = verify(params, config, tok, cache, form)
+                    return jnp.argmax(logits, -1).astype(jnp.int32), new.replace(index=cache.index, valid=cache.valid)
+                return jax.lax.fori_loop(0, n, body, (jnp.zeros((batch, k + 1), jnp.int32), cache))
+            return jax.jit(run)
+
+        vanilla = resolve("vanilla", num_layers=config.num_layers, max_new_tokens=new_tokens).layer_ops()
+        self.probes: dict[str, Callable[[], Any]] = {}
+        fn, ops = steps(vanilla, middle)
+        self.probes["step"] = lambda fn=fn, ops=ops: fn(self.params, self.cache, ops)
+        self.draft_layers = {}
+        for draft in drafts:
+            table = resolve(draft, num_layers=config.num_layers, max_new_tokens=new_tokens).layer_ops()
+            self.draft_layers[draft] = int((table[middle] == 0).sum())
+            fn, ops = steps(table, middle)
+            self.probes[f"draft {draft}"] = lambda fn=fn, ops=ops: fn(self.params, self.cache, ops)
+        for k in ks:
+            for form in VERIFY_FORMS:
+                fn = verifies(k, form)
+                self.probes[f"verify {form} {k + 1}"] = lambda fn=fn: fn(self.params, self.cache)
+        self.samples: dict[str, list[float]] = {key: [] for key in self.probes}
+        self.measure(record=False)  # compiles
+
+    def measure(self, record: bool = True) -> None:
+        import jax
+
+        for key, probe in self.probes.items():
+            start = time.perf_counter()
+            jax.block_until_ready(probe())
+            if record:
+                self.samples[key].append((time.perf_counter() - start) / self.n * 1e3)
+
+    def summary(self) -> dict:
+        ms = {key: statistics.median(v) for key, v in self.samples.items() if v}
+        return {"step_ms": ms["step"],
+                "draft_step_ms": {k[6:]: v for k, v in ms.items() if k.startswith("draft ")},
+                "draft_step_layers": self.draft_layers,
+                "verify_ms": {form: {int(k.split()[2]): v for k, v in ms.items() if k.startswith(f"verify {form} ")}
+                              for form in ("rows", "positions")},
+                "samples": self.samples}
+
+
+def run_speculative_case(case: SpeculativeCase, repeats: int, log: Callable[[str], None] = print) -> dict:
+    """Times vanilla compiled greedy and every (draft, k) side by side; returns the case's record.
+
+    Per run: tokens/s, speedup over vanilla (same rounds), acceptance, tokens per round,
+    layers per token (docs/methods.md's rule), the fraction of rows whose tokens equal
+    vanilla's (must be 1.0), and `model_speedup`: what the step costs measured in the same
+    rounds predict, tokens per round x step / (k x draft step + verify pass), which leaves
+    out the prefill and the per-call overhead that both runs pay."""
+    from hsd_jax.generate import generate
+    from hsd_jax.speculative import default_verify_form
+
+    record: dict[str, Any] = {"kind": "speculative", "case": dataclasses.asdict(case), "label": case.label,
+                              "runs": [], "notes": []}
+    lm = _speculative_model(case)
+    rows = _speculative_prompts(case, lm)
+    batches = [rows[i:i + case.batch] for i in range(0, len(rows) - case.batch + 1, case.batch)]
+    if not batches:
+        raise HsdError(f"{case.label}: {len(rows)} prompts make no batch of {case.batch}")
+    eos = lm.config.eos_token_id
+    log(f"{case.label}: {len(batches)} batches of {case.batch} prompts from {case.dataset or 'random tokens'}")
+
+    def call_of(draft, k):
+        def call():
+            return [generate(lm, input_ids=b, max_new_tokens=case.new_tokens, eos_token_id=eos, pad_to_multiple_of=32,
+                             draft=draft, num_draft_tokens=k) for b in batches]
+        return call
+
+    runs = [Run("compiled", "vanilla", call_of(None, None))]
+    for draft in case.drafts:
+        for k in case.num_draft_tokens:
+            runs.append(Run("speculative", f"{draft} k={k}", call_of(draft, k)))
+    for run in runs:
+        start = time.perf_counter()
+        run.output = run.call()
+        run.compile_seconds = sum(g.compile_seconds for g in run.output)
+        run.warmup_seconds = time.perf_counter() - start
+        log(f"  warm-up {run.schedule:44s} {run.warmup_seconds:7.2f}s (compile {run.compile_seconds:.2f}s)")
+    width = max(-(-max(map(len, b)) // 32) * 32 for b in batches)
+    costs = StepCosts(lm, case.batch, width, case.new_tokens, case.drafts, case.num_draft_tokens)
+    for r in range(repeats):
+        for run in runs:
+            start = time.perf_counter()
+            out = run.call()
+            run.seconds.append(time.perf_counter() - start)
+            run.recompiled |= any(g.compile_seconds > 0 for g in out)
+        costs.measure()
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{run.schedule} {run.seconds[-1]:.2f}s" for run in runs))
+    cost = costs.summary()
+    form = default_verify_form(case.batch)  # the form generate's rounds ran
+    record["costs"] = {**cost, "verify_form": form}
+    reference = [s for g in runs[0].output for s in g.sequences]
+    base = statistics.median(runs[0].seconds)
+    for run in runs:
+        seconds = statistics.median(run.seconds)
+        gens = run.output
+        tokens = sum(g.num_tokens for g in gens)
+        sequences = [s for g in gens for s in g.sequences]
+        entry = {
+            "runner": run.runner, "schedule": run.schedule, "tokens": tokens, "seconds_median": seconds,
+            "seconds": run.seconds, "tokens_per_second": tokens / seconds,
+            "spread": max(run.seconds) / min(run.seconds), "compile_seconds": run.compile_seconds,
+            "warmup_seconds": run.warmup_seconds, "recompiled_while_timed": run.recompiled,
+            "speedup_vs_vanilla": base / seconds,
+            "avg_layers": sum(sum(map(sum, g.layers_per_token)) for g in gens) / tokens,
+            "tokens_equal_vanilla": float(np.mean([a == b for a, b in zip(sequences, reference)])),
+        }
+        if run.runner == "speculative":
+            draft, k = gens[0].draft, gens[0].num_draft_tokens
+            stats = {key: sum(g.draft_stats[key] for g in gens) for key in gens[0].draft_stats}
+            spec = run.schedule.rsplit(" k=", 1)[0]
+            tpr = stats["round_tokens"] / stats["rounds"]
+            round_ms = k * cost["draft_step_ms"][spec] + cost["verify_ms"][form][k + 1]
+            entry.update(draft=draft, num_draft_tokens=k, draft_stats=stats,
+                         acceptance_rate=stats["accepted"] / stats["drafted"],
+                         kept_rate=(stats["round_tokens"] - stats["rounds"]) / (k * stats["rounds"]),
+                         tokens_per_round=tpr, model_speedup=tpr * cost["step_ms"] / round_ms,
+                         verify_over_step=cost["verify_ms"][form][k + 1] / cost["step_ms"],
+                         draft_step_over_step=cost["draft_step_ms"][spec] / cost["step_ms"])
+        record["runs"].append(entry)
+    spec_runs = [r for r in record["runs"] if r["runner"] == "speculative"]
+    if spec_runs:
+        best = max(spec_runs, key=lambda r: r["speedup_vs_vanilla"])
+        record["best"] = {"schedule": best["schedule"], "speedup_vs_vanilla": best["speedup_vs_vanilla"]}
+        same = min(r["tokens_equal_vanilla"] for r in record["runs"])
+        record["notes"].append(f"best (draft, k): {best['schedule']}: {best['speedup_vs_vanilla']:.2f}x vanilla "
+                               f"greedy's tokens/s, tokens equal to vanilla's in {100 * same:.0f}% of rows (every run)")
+    del runs, costs  # the runs hold the model (their calls close over it)
+    gc.collect()
+    return record
+
+
 # --- the suite -----------------------------------------------------------------------
 
 
@@ -530,6 +755,8 @@ def target_figures(result: dict, targets: Sequence[dict]) -> list[dict]:
 
 def case_rows(rec: dict) -> list[list[str]]:
     """One table row per run of a case."""
+    if rec.get("kind") == "speculative":
+        return _speculative_rows(rec)
     if rec.get("kind") == "calm":
         return _calm_rows(rec)
     rows = []
@@ -550,10 +777,34 @@ def case_rows(rec: dict) -> list[list[str]]:
 NOISY = 1.5  # a run whose slowest round took this many times its fastest is starred in the table
 HEADER = ["runner", "schedule", "avg layers", "tok/s", "vs HF", "speedup", "ideal", "of ideal", "roofline",
           "compile s"]
+SPECULATIVE_HEADER = ["runner", "draft, k", "layers/tok", "tok/s", "speedup", "accept", "kept", "tok/round",
+                      "verify/step", "draft/step", "model", "same", "compile s"]
 
 
 def _header(rec: dict) -> list[str]:
-    return {"calm": CALM_HEADER}.get(rec.get("kind"), HEADER)
+    return {"speculative": SPECULATIVE_HEADER, "calm": CALM_HEADER}.get(rec.get("kind"), HEADER)
+
+
+def _speculative_rows(rec: dict) -> list[list[str]]:
+    """A speculative case's rows: speed against vanilla, acceptance (each row's agreeing prefix),
+    kept (the drafts the batch kept: its minimum), the step costs and the speedup they predict."""
+    rows = []
+    for r in rec["runs"]:
+        spec = r["runner"] == "speculative"
+        rows.append([
+            r["runner"], _short(r["schedule"]), f"{r['avg_layers']:.2f}",
+            f"{r['tokens_per_second']:.1f}" + ("*" if r.get("spread", 1.0) > NOISY else ""),
+            _fmt(r["speedup_vs_vanilla"], "x") if spec else "",
+            _fmt(r.get("acceptance_rate"), "", pct=True) if spec else "",
+            _fmt(r.get("kept_rate"), "", pct=True) if spec else "",
+            f"{r['tokens_per_round']:.2f}" if spec else "",
+            _fmt(r.get("verify_over_step"), "x") if spec else "",
+            _fmt(r.get("draft_step_over_step"), "x") if spec else "",
+            _fmt(r.get("model_speedup"), "x") if spec else "",
+            f"{100 * r['tokens_equal_vanilla']:.0f}%",
+            f"{r['compile_seconds']:.1f}",
+        ])
+    return rows
 
 
 def _short(spec: str) -> str:
@@ -566,6 +817,10 @@ def _fmt(value, unit: str, pct: bool = False) -> str:
     return f"{100 * value:.0f}%" if pct else f"{value:.2f}{unit}"
 
 
+def _by_int(item) -> int:
+    return int(item[0])  # JSON keys are strings: "10" after "9"
+
+
 def _case_title(rec: dict) -> str:
     if rec.get("skipped"):
         return rec["label"]
@@ -573,6 +828,12 @@ def _case_title(rec: dict) -> str:
         w = rec["weights"]
         return (f"{rec['label']}: LM head {w['head_bytes'] / 2**20:.1f} MiB = {w['head_over_layer']:.1f} layers' "
                 f"weights")
+    if rec.get("kind") == "speculative":
+        c = rec["costs"]
+        forms = "; ".join(f"{form} " + ", ".join(f"{t}: {ms:.2f}" for t, ms in sorted(by_t.items(), key=_by_int))
+                          for form, by_t in c["verify_ms"].items())
+        return (f"{rec['label']}: one-token step {c['step_ms']:.2f} ms; verify pass over T positions, ms by T: "
+                f"{forms} (the runs used {c['verify_form']})")
     bw = rec["bandwidth"]
     return (f"{rec['label']}: bandwidth {bw['bytes_per_second'] / 1e9:.2f} GB/s ({bw['probe']}), "
             f"roofline {rec['roofline_tokens_per_second']:.2f} tok/s")
@@ -655,8 +916,8 @@ def _rich_table(rec: dict, table_type):
     rows = case_rows(rec)
     for i, h in enumerate(_header(rec)):
         widest = max((len(r[i]) for r in rows), default=0)
-        table.add_column(h, justify="left" if h in ("runner", "schedule") else "right", overflow="fold",
-                         min_width=None if h == "schedule" else widest)
+        table.add_column(h, justify="left" if h in ("runner", "schedule", "draft, k") else "right", overflow="fold",
+                         min_width=None if h in ("schedule", "draft, k") else widest)
     for row in rows:
         table.add_row(*row)
     return table
@@ -709,6 +970,13 @@ def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batc
                            "mode: leave out --prompt, --beams and --runners (--schedules gives the CALM specs)")
         return build_calm_cases(suite, models=models, batches=batches, schedule_specs=schedule_specs, dtype=dtype,
                                 new_tokens=new_tokens, dry_run=dry_run)
+    if suite.get("kind") == "speculative":
+        if prompts or (beams and set(beams) != {1}) or runners:
+            raise HsdError("a speculative suite takes its prompts from its dataset, decodes greedily and "
+                           "times vanilla compiled greedy against its drafts: leave out --prompt, --beams and "
+                           "--runners (--schedules gives the drafts)")
+        return build_speculative_cases(suite, schedules, models=models, batches=batches, drafts=schedule_specs,
+                                       dtype=dtype, new_tokens=new_tokens, dry_run=dry_run)
     models = list(models or suite["models"])
     prompts = list(prompts or suite["prompts"])
     settings = [tuple(s) for s in suite["settings"]]
@@ -744,6 +1012,35 @@ def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batc
     if suite.get("order") == "settings":  # every model at the first setting, then the next...
         return [case(m, p, s) for s in settings for p in prompts for m in models]
     return [case(m, p, s) for m in models for p in prompts for s in settings]
+
+
+def build_speculative_cases(suite: dict, schedules: dict, *, models=None, batches=None, drafts=None, dtype=None,
+                            new_tokens=None, dry_run=False) -> list[SpeculativeCase]:
+    """The cases of a speculative suite (`"kind": "speculative"` in `hsd_jax.bench_suites`): its
+    models (Hugging Face folders) x batch sizes, each timing vanilla against every draft x k.
+    --dry-run swaps each model for tiny random GPT-2, its drafts for the tiny model's
+    schedules and its prompts for a few random ones."""
+    drafts = list(drafts if drafts else suite["drafts"])
+    if not drafts:
+        raise HsdError("a speculative suite needs at least one draft schedule (--schedules SPEC ...)")
+    new_tokens = new_tokens or suite.get("new_tokens", 32)
+    cases = []
+    for model in models or suite["models"]:
+        for batch in batches or suite["batches"]:
+            case = SpeculativeCase(model=model, batch=batch, drafts=tuple(drafts),
+                                   num_draft_tokens=tuple(suite["num_draft_tokens"]),
+                                   dataset=suite.get("dataset"), split=suite.get("split", "validation"),
+                                   num_prompts=suite.get("num_prompts", 16), new_tokens=new_tokens,
+                                   dtype=dtype or suite.get("dtype", "float32"))
+            if dry_run:
+                tiny = list(dict.fromkeys(schedules.get("tiny-gpt2", ["hsd:s=1,min=0,max=2"])))
+                case = dataclasses.replace(case, model="tiny-gpt2", dataset=None, num_prompts=2 * batch,
+                                           drafts=tuple(tiny[:2]), num_draft_tokens=case.num_draft_tokens[:2])
+            elif model not in ARCHS and not os.path.isdir(model):
+                raise HsdError(f"{model} is not a model folder; the speculative suite times a trained model "
+                               "(e.g. hsd-jax demo's, or train/commongen_small.sh's): pass --model FOLDER")
+            cases.append(case)
+    return cases
 
 
 # --- CALM: early exit against vanilla -------------------------------------------------
@@ -826,12 +1123,14 @@ def run_calm_case(case: CalmCase, repeats: int, log: Callable[[str], None] = pri
     Rounds alternate their order (forwards, then backwards) so that a drifting machine
     weighs on every run alike, and `speedup_vs_vanilla` is the median over rounds of the
     run's tokens/s over the same round's vanilla tokens/s (the same batch size; tokens/s,
-    not time, because early exits can change how long the outputs run before their EOS). Per run also: Avg. Layer,
-    the weight bytes per token its steps read (`calm_step_costs`) and the ideal speedup
-    they give, LM-head exit tests per decode step, the rows whose tokens equal vanilla's,
-    and whether each row's tokens and layers equal those it got at batch 1. Softmax runs
-    that never exit give the measured cost of one exit test (`ms_per_test`, and over a
-    vanilla decode step, `test_over_step`).
+    not time, because early exits can change how long the outputs run before their EOS).
+    Per run also: Avg. Layer, the weight bytes per token its steps read
+    (`calm_step_costs`) and the ideal speedup they give, LM-head exit tests per decode
+    step, the rows whose tokens equal vanilla's, and whether each row's tokens and layers
+    equal those it got at batch 1. What one softmax exit test costs is measured twice:
+    alone, in the same rounds (`SoftmaxTestCost`: `record["softmax_test"]`), and inside
+    the loop by softmax runs that never exit (`ms_per_test`: their extra time over
+    vanilla's per test run); each also over a vanilla decode step (`test_over_step`).
     """
     from hsd_jax.generate import generate
 
@@ -871,15 +1170,23 @@ def run_calm_case(case: CalmCase, repeats: int, log: Callable[[str], None] = pri
         run.warmup_seconds = time.perf_counter() - start
         log(f"  warm-up {run.runner:9s} {run.schedule:44s} {run.warmup_seconds:7.2f}s "
             f"(compile {run.compile_seconds:.2f}s)")
+    test_cost = SoftmaxTestCost(lm, case.batches)
     for r in range(repeats):
         for run in (runs if r % 2 == 0 else runs[::-1]):
             start = time.perf_counter()
             out = run.call()
             run.seconds.append(time.perf_counter() - start)
             run.recompiled |= any(g.compile_seconds > 0 for g in out)
+        test_cost.measure()
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{run.runner[6:]}/{_short(run.schedule)} {run.seconds[-1]:.2f}s"
                                                      for run in runs))
     vanilla = {run.runner: run for run in runs if run.schedule == "vanilla"}
+    record["softmax_test"] = {}
+    for batch, ms in test_cost.summary().items():  # one test, over a vanilla decode step (prefill and calls spread)
+        base = vanilla[f"batch {batch}"]
+        step = statistics.median(base.seconds) / sum(g.num_steps - 1 for g in base.output)
+        record["softmax_test"][str(batch)] = {"ms": ms, "test_over_step": ms / 1e3 / step,
+                                              "samples": test_cost.samples[batch]}
     first = {run.schedule: run for run in runs if run.runner == runs[0].runner}
     for run in runs:
         gens, base = run.output, vanilla[run.runner]
@@ -922,6 +1229,48 @@ def run_calm_case(case: CalmCase, repeats: int, log: Callable[[str], None] = pri
     return record
 
 
+class SoftmaxTestCost:
+    """One softmax-response exit test alone — the LM head on a (batch, 1, D) hidden state
+    and the top-1 minus top-2 gap — at each batch size: a jitted loop of `n` tests (each
+    made to depend on the last, so none is hoisted), timed once per round, in
+    milliseconds per test."""
+
+    def __init__(self, lm, batches, n: int = 50):
+        import jax
+        import jax.numpy as jnp
+
+        from hsd_jax.calm import confidence
+        from hsd_jax.models import family
+
+        params, config = lm.to_layout("decode").params, lm.config
+        fam, dtype = family(config), jax.tree.leaves(params)[0].dtype
+        self.n = n
+
+        def tests(params, h):
+            def body(_, h):
+                c = confidence(fam.head(params, h, config)[:, -1])
+                return h + (0 * c[:, None, None]).astype(h.dtype)  # x * 0 is not folded for floats
+            return jax.lax.fori_loop(0, n, body, h)
+
+        program = jax.jit(tests)
+        self.probes = {b: (lambda h=jnp.ones((b, 1, config.hidden_size), dtype): program(params, h))
+                       for b in batches}
+        self.samples: dict[int, list[float]] = {b: [] for b in batches}
+        self.measure(record=False)  # compiles
+
+    def measure(self, record: bool = True) -> None:
+        import jax
+
+        for b, probe in self.probes.items():
+            start = time.perf_counter()
+            jax.block_until_ready(probe())
+            if record:
+                self.samples[b].append((time.perf_counter() - start) / self.n * 1e3)
+
+    def summary(self) -> dict[int, float]:
+        return {b: statistics.median(v) for b, v in self.samples.items() if v}
+
+
 def calm_figures(rec: dict) -> list[str]:
     """The issue's CPU targets, as figures for the report (batch 1 = the smallest batch)."""
     runs = [r for r in rec["runs"] if r["batch"] == min(r["batch"] for r in rec["runs"])]
@@ -950,9 +1299,12 @@ def calm_figures(rec: dict) -> list[str]:
             lines.append(f"{_short(r['schedule'])} (cannot exit, no test): {r['speedup_vs_vanilla']:.2f}x vanilla, "
                          "target >= 0.90x")
         if "ms_per_test" in r:
-            lines.append(f"{_short(r['schedule'])}: an exit test (LM head, {rec['weights']['head_over_layer']:.1f} "
-                         f"layers' weights) costs {r['ms_per_test']:.2f} ms, {100 * r['test_over_step']:.0f}% of a "
-                         f"vanilla step; {r['tests_per_step']:.1f} tests per step")
+            lines.append(f"{_short(r['schedule'])} (never exits): each exit test cost {r['ms_per_test']:.2f} ms in the "
+                         f"loop, {100 * r['test_over_step']:.0f}% of a vanilla step; {r['tests_per_step']:.1f} tests "
+                         "per step")
+    for batch, t in rec.get("softmax_test", {}).items():
+        lines.append(f"softmax exit test alone (LM head, {rec['weights']['head_over_layer']:.1f} layers' weights), "
+                     f"batch {batch}: {t['ms']:.2f} ms, {100 * t['test_over_step']:.0f}% of a vanilla step")
     return lines
 
 

@@ -8,6 +8,12 @@ Command-line flags replace any axis (--model, --prompt, --batch/--beams,
 --schedules, --runners, --repeats, --dtype). `--suites-file PY` reads a Python file
 of your own that defines `SUITES` (and `SCHEDULES`) in this form instead.
 
+A suite with `"kind": "speculative"` times self-speculative greedy decoding instead
+(`hsd_jax.bench.SpeculativeCase`): a trained model's folder (`models`; --model
+replaces them), prompts from `dataset` (a dataset name, or a file; "{model}" stands for
+the model folder), `batches`, and vanilla compiled greedy against every draft in
+`drafts` (--schedules replaces them) x `num_draft_tokens`, in the same rounds.
+
 A suite with `"kind": "calm"` times CALM against vanilla (`hsd_jax.bench.CalmCase`):
 `models` maps each model (an architecture, random weights, or a trained folder) to its
 settings (CALM `schedules`, `dataset` for a folder's prompts, `new_tokens`,
@@ -99,6 +105,36 @@ SUITES = {
         "order": "settings",  # both models at batch 1 first, in case the time limit cuts the rest
     },
 }
+
+# Self-speculative decoding (docs/performance.md, "Self-speculative decoding"): drafts that
+# run 3 to 11 of 12 layers (layer 0 always), k = 1 .. 4, on a trained 12-layer model.
+SPECULATIVE_DRAFTS = [
+    "skipdecode:min=2,max=2,warmup=1",  # layers 0, 10, 11
+    "hsd:s=5,min=0,max=2,warmup=1",  # layers 0, 5, 10, 11 at first, 0, 5, 11 at the end (3.3 on average)
+    "hsd:s=2,min=0,max=4,warmup=1",  # 7 layers at first, 5 at the end (6.0 on average over 32 steps)
+    "hsd:s=1,min=0,max=8,warmup=1",  # 11 layers at first, 7 at the end (8.9 on average over 32 steps)
+]
+_SPECULATIVE = {
+    "kind": "speculative",
+    "drafts": SPECULATIVE_DRAFTS,
+    "num_draft_tokens": [1, 2, 3, 4],
+    "batches": [1, 8],  # batch 8: the cost of the batch minimum of accepted drafts
+    "num_prompts": 16,
+    "dtype": "float32",
+    "repeats": 3,
+}
+SUITES.update({
+    # The CommonGen reproduction's model (train/commongen_small.sh: 12 x 256, 64 positions),
+    # on CommonGen dev concept sets (the shared data folder or the hub).
+    "speculative": {**_SPECULATIVE, "models": ["runs/commongen_small"], "dataset": "common_gen",
+                    "split": "validation", "new_tokens": 32},
+    # The offline demo's model (`hsd-jax demo`: 12 x 128) on its own dev records.
+    "speculative-demo": {**_SPECULATIVE, "models": ["hsd-jax-demo/model"], "dataset": "{model}/../data/dev.jsonl",
+                         "new_tokens": 64},
+    # eval/bench_gpu.sh: the demo's model on one GPU, batch 1 and 32.
+    "speculative-gpu": {**_SPECULATIVE, "models": ["hsd-jax-demo/model"], "dataset": "{model}/../data/dev.jsonl",
+                        "new_tokens": 64, "batches": [1, 32], "num_prompts": 32},
+})
 
 # CALM against vanilla (`hsd-jax bench --suite calm`, docs/performance.md "CALM: per-sequence
 # exits"): each measure at three thresholds, softmax response tested only at every 4th layer,

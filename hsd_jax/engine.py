@@ -13,6 +13,9 @@ What a decode step does is a *step strategy* (`Strategy`), plugged into one loop
   the program), or baked in as segments of identical steps, each its own
   `while_loop` holding only its layers ("static": no per-layer branch at all).
 - `hsd_jax.calm.CalmSteps`: CALM, whose exits are decided at run time.
+- `hsd_jax.speculative.SpeculativeSteps`: lossless self-speculative greedy decoding, a
+  strategy of its own loop (rounds of k draft steps under a schedule and one all-layer
+  verify pass), which returns its acceptance counts with the state.
 
 Every strategy also has an eager form, a Python loop over steps that calls the same
 layer primitives: the reference the compiled programs are checked against.
@@ -58,10 +61,16 @@ class Strategy(Protocol):
         """Arrays the compiled program takes at run time."""
 
     def decode(self, params, config: ModelConfig, search, state, loop: Loop, *arguments):
-        """Traced: every decode step after the prefill, through `loop`."""
+        """Traced: every decode step after the prefill, through `loop`. Returns the
+        search state, or (state, stats): a dict of () arrays the strategy counts
+        (`hsd_jax.speculative.SpeculativeSteps` runs its own loop over rounds this way)."""
 
     def eager_step(self, params, config: ModelConfig, tokens, cache: KVCache, t: int, live):
-        """One step on the host, the reference: (logits, cache, layers run)."""
+        """One step on the host, the reference: (logits, cache, layers run).
+
+        A strategy that is not a step (speculative rounds) defines instead
+        `eager_decode(params, config, search, state) -> (state, stats)`, and may ask for
+        `extra_cache_slots` beyond prompt + new tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +162,7 @@ class Decoded:
     steps: int  # tokens generated per row before the batch stopped
     compile_seconds: float  # 0.0 when the program came from the cache
     decode_seconds: float
+    stats: dict = dataclasses.field(default_factory=dict)  # a strategy's own counts (ints), if it keeps any
 
 
 class Decoder:
@@ -173,16 +183,18 @@ class Decoder:
     def decode(self, params, strategy: Strategy, search, ids, mask, cache_len: int, mode: str = "compiled") -> Decoded:
         """Decodes (B, T) left-padded `ids` / `mask`; `params` in the decode layout."""
         ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
+        cache_len += getattr(strategy, "extra_cache_slots", 0)
         if mode == "eager":
             start = time.perf_counter()
-            tokens, layers, steps = self._eager(params, strategy, search, ids, mask, cache_len)
-            return Decoded(np.asarray(tokens), np.asarray(layers), int(steps), 0.0, time.perf_counter() - start)
+            tokens, layers, steps, stats = self._eager(params, strategy, search, ids, mask, cache_len)
+            return Decoded(np.asarray(tokens), np.asarray(layers), int(steps), 0.0, time.perf_counter() - start,
+                           _ints(stats))
         arguments = strategy.arguments()
         program, compile_seconds = self._program(params, strategy, search, ids, mask, cache_len, arguments)
         start = time.perf_counter()
-        tokens, layers, steps = jax.block_until_ready(program(params, ids, mask, *arguments))
+        tokens, layers, steps, stats = jax.block_until_ready(program(params, ids, mask, *arguments))
         return Decoded(np.asarray(tokens), np.asarray(layers), int(steps), compile_seconds,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, _ints(stats))
 
     def _program(self, params, strategy, search, ids, mask, cache_len, arguments):
         key = (strategy.program_key(), search, ids.shape, cache_len, _dtype(params))
@@ -193,8 +205,8 @@ class Decoder:
 
         def run(params, ids, mask, *arguments):
             state = prefill(params, config, search, ids, mask, cache_len)
-            state = strategy.decode(params, config, search, state, loop, *arguments)
-            return search.best(state), search.best_layers(state), state.i
+            state, stats = _with_stats(strategy.decode(params, config, search, state, loop, *arguments))
+            return search.best(state), search.best_layers(state), state.i, stats
 
         start = time.perf_counter()
         program = jax.jit(run).lower(params, ids, mask, *arguments).compile()
@@ -206,9 +218,21 @@ class Decoder:
     def _eager(self, params, strategy, search, ids, mask, cache_len):
         config = self.config
         state = prefill(params, config, search, ids, mask, cache_len)
+        if hasattr(strategy, "eager_decode"):  # a strategy of its own loop (speculative rounds)
+            state, stats = strategy.eager_decode(params, config, search, state)
+            return search.best(state), search.best_layers(state), state.i, stats
         while not bool(search.done(state)):
             t = int(state.i) - 1
             logits, cache, n = strategy.eager_step(params, config, search.last_tokens(state), state.cache, t,
                                                    search.live(state))
             state = search.update(state.replace(cache=cache), logits, n)
-        return search.best(state), search.best_layers(state), state.i
+        return search.best(state), search.best_layers(state), state.i, {}
+
+
+def _with_stats(out):
+    """(state, stats) from what a strategy's `decode` returned: a state, or (state, stats)."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def _ints(stats: dict) -> dict:
+    return {key: int(value) for key, value in stats.items()}

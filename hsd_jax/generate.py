@@ -14,8 +14,10 @@ modes that give the same tokens:
   primitive op by op — the reference the compiled forms are checked against.
 
 CALM is another step strategy of the same loop (`hsd_jax.calm.CalmSteps`), deciding
-its exits at run time. This module checks the inputs, pads the prompts, picks the
-strategy and turns the engine's arrays into a `Generation`.
+its exits at run time; `draft=` runs self-speculative greedy decoding
+(`hsd_jax.speculative.SpeculativeSteps`), whose tokens are vanilla greedy's. This
+module checks the inputs, pads the prompts, picks the strategy and turns the engine's
+arrays into a `Generation`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from hsd_jax.models import family
 from hsd_jax.models.modules import CausalLM as LanguageModel
 from hsd_jax.schedules import CalmConfig, Schedule, resolve
 from hsd_jax.search import make_search
+from hsd_jax.speculative import SpeculativeSteps
 
 DEFAULT_MAX_NEW_TOKENS = 64
 _DEFAULT = object()  # "the model's own EOS"; None means "never stop early"
@@ -47,7 +50,8 @@ class Generation:
     """What `generate` returns; one entry per input in each list."""
 
     sequences: list[list[int]]  # new tokens of the best beam, cut after the first EOS (kept)
-    layers_per_token: list[list[int]]  # layers run to produce each of those tokens
+    layers_per_token: list[list[int]]  # layers run to produce each of those tokens (floats with a draft:
+    # a round's draft and verify layers spread over the tokens it emitted, docs/methods.md)
     texts: list[str] | None  # decoded `sequences`, when the model has a tokenizer
     schedule: str  # canonical spec of the schedule used
     mode: str
@@ -55,6 +59,26 @@ class Generation:
     compile_seconds: float  # 0.0 when the program came from the cache
     decode_seconds: float  # prefill + decode loop, compile excluded
     num_steps: int  # tokens generated per row before the batch stopped
+    # Self-speculative decoding (`draft=`, hsd_jax.speculative): the draft's spec, k, and the
+    # counts summed over rounds: rounds, drafted (k per live row and round), accepted (draft
+    # tokens the verifier agreed with, per live row: the longest agreeing prefix), round_tokens
+    # (tokens the rounds emitted per row). None without a draft.
+    draft: str | None = None
+    num_draft_tokens: int = 0
+    draft_stats: dict[str, int] | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens the verifier agreed with (each live row's longest
+        agreeing prefix, over all rounds); nan without a draft."""
+        s = self.draft_stats
+        return s["accepted"] / s["drafted"] if s and s["drafted"] else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens a speculative round emitted per row, on average (1 .. k + 1); nan without a draft."""
+        s = self.draft_stats
+        return s["round_tokens"] / s["rounds"] if s and s["rounds"] else float("nan")
 
     @property
     def avg_layers(self) -> float:
@@ -86,6 +110,8 @@ def generate(
     eos_token_id: int | None | Any = _DEFAULT,
     pad_token_id: int | None = None,
     pad_to_multiple_of: int = 1,
+    draft: str | Schedule | np.ndarray | None = None,
+    num_draft_tokens: int | None = None,
 ) -> Generation:
     """Decodes a batch of prompts under a layer-skip schedule.
 
@@ -97,6 +123,12 @@ def generate(
     beam search; both match transformers' `generate(do_sample=False, ...)`.
     `pad_to_multiple_of` left-pads prompts to a multiple of that width, so batches of
     similar length share one compiled program (padding never changes the output).
+
+    `draft` (a static schedule spec, preset, mask or `Schedule`) turns on lossless
+    self-speculative greedy decoding (`hsd_jax.speculative`): each round drafts
+    `num_draft_tokens` tokens (k, default DEFAULT_NUM_DRAFT_TOKENS) under the draft
+    schedule and verifies them with one all-layer pass; the tokens are vanilla
+    greedy's. `schedule` must then be vanilla and `num_beams` 1.
     """
     rows = _prompt_rows(lm, input_ids, prompts, attention_mask)
     if mode not in MODES:
@@ -118,6 +150,7 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
                                                          else (eos if eos is not None else 0))
     sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
+    draft_sched, k = _draft(draft, num_draft_tokens, sched, num_beams, config.num_layers, max_new_tokens)
     mode = _static_or_compiled(sched, mode)
     ids, mask = _left_pad(rows, pad, pad_to_multiple_of, limit=config.max_position - max_new_tokens)
     cache_len = ids.shape[1] + max_new_tokens
@@ -127,8 +160,12 @@ def generate(
     search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
 
-    strategy = CalmSteps(sched, max_new_tokens, config.num_layers) if isinstance(sched, CalmConfig) \
-        else ScheduleSteps(sched, static=mode == "static")
+    if draft_sched is not None:  # "static" runs the same program: the draft's row varies per round
+        strategy = SpeculativeSteps(draft_sched, k)
+    elif isinstance(sched, CalmConfig):
+        strategy = CalmSteps(sched, max_new_tokens, config.num_layers)
+    else:
+        strategy = ScheduleSteps(sched, static=mode == "static")
     start, converting = time.perf_counter(), lm.layout != "decode"
     params = lm.to_layout("decode").params  # once per model: the decode layout replaces the stacked weights
     layout_seconds = time.perf_counter() - start if converting else 0.0  # counted as compile time
@@ -140,13 +177,46 @@ def generate(
     for row, row_layers in zip(tokens, step_layers):  # each input's own record (CALM's rows exit apart)
         n = _length(row[:steps], eos)
         sequences.append(row[:n].tolist())
-        layers.append(row_layers[:n].tolist())
+        record = row_layers[:n].tolist()
+        # A draft's record is float32 (a round's layers over its tokens): rounded, so 34/3 reads 11.333333.
+        layers.append(record if draft_sched is None else [round(x, 6) for x in record])
     texts = None
     if lm.tokenizer is not None:
         texts = [lm.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
     return Generation(sequences=sequences, layers_per_token=layers, texts=texts, schedule=sched.spec, mode=mode,
                       num_beams=num_beams, compile_seconds=compile_seconds, decode_seconds=decode_seconds,
-                      num_steps=steps)
+                      num_steps=steps, draft=None if draft_sched is None else draft_sched.spec,
+                      num_draft_tokens=k, draft_stats=out.stats if draft_sched is not None else None)
+
+
+# k without num_draft_tokens. On the CPU measured, k = 1 did best (every k was slower than
+# vanilla); with a verify pass as cheap as one step, as an accelerator's should be, the same
+# acceptance makes k = 2 best (docs/performance.md, "Self-speculative decoding").
+DEFAULT_NUM_DRAFT_TOKENS = 2
+
+
+def _draft(draft, num_draft_tokens, sched, num_beams: int, num_layers: int, max_new_tokens: int):
+    """(the draft `Schedule`, k), or (None, 0) without a draft; an HsdError for a request
+    speculative decoding cannot serve."""
+    if draft is None:
+        if num_draft_tokens is not None:
+            raise HsdError("num_draft_tokens needs a draft schedule (draft=...); without one, decoding is not "
+                           "speculative")
+        return None, 0
+    if num_beams != 1:
+        raise HsdError(f"speculative decoding (draft=...) is greedy only, but num_beams is {num_beams}; "
+                       "use num_beams=1, or drop the draft")
+    if not (isinstance(sched, Schedule) and sched.mask.all()):
+        raise HsdError(f"with a draft, the output is vanilla greedy's: schedule must be vanilla, not "
+                       f"{sched.spec!r} (the draft is the skipping schedule)")
+    k = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise HsdError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
+    draft_sched = resolve(draft, num_layers=num_layers, max_new_tokens=max_new_tokens)
+    if isinstance(draft_sched, CalmConfig):
+        raise HsdError(f"the draft must be a static schedule (hsd:..., skipdecode:..., a preset or a mask), "
+                       f"not CALM ({draft_sched.spec}): its exits are decided at run time")
+    return draft_sched, k
 
 
 def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
@@ -215,6 +285,9 @@ def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequen
         compile_seconds=sum(out.compile_seconds for out in parts),
         decode_seconds=sum(out.decode_seconds for out in parts),
         num_steps=max(out.num_steps for out in parts),
+        draft=first.draft, num_draft_tokens=first.num_draft_tokens,
+        draft_stats=None if first.draft_stats is None
+        else {key: sum(out.draft_stats[key] for out in parts) for key in first.draft_stats},
     )
 
 

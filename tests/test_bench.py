@@ -255,3 +255,54 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+# --- self-speculative decoding: the speculative suites -------------------------------------
+
+
+def test_speculative_suite_dry_run(tmp_path):
+    """The speculative suite's dry run (tiny random GPT-2, random prompts): vanilla against
+    every draft x k, the same tokens, counts within their bounds, the step costs, its table."""
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "--suite", "speculative", "--dry-run", "--batch", "2", "--new-tokens", "6", "--json", str(out),
+               "--quiet"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    (case,) = result["cases"]
+    assert case["kind"] == "speculative" and case["case"]["model"] == "tiny-gpt2" and case["case"]["batch"] == 2
+    drafts, ks = case["case"]["drafts"], case["case"]["num_draft_tokens"]
+    runs = case["runs"]
+    assert [(r["runner"], r["schedule"]) for r in runs] == [("compiled", "vanilla")] + [
+        ("speculative", f"{d} k={k}") for d in drafts for k in ks]
+    for r in runs:
+        assert r["tokens_equal_vanilla"] == 1.0 and r["tokens_per_second"] > 0 and not r["recompiled_while_timed"]
+    for r in runs[1:]:
+        k = r["num_draft_tokens"]
+        assert 0 <= r["acceptance_rate"] <= 1 and 0 <= r["kept_rate"] <= 1 and 1 <= r["tokens_per_round"] <= k + 1
+        assert r["speedup_vs_vanilla"] > 0 and r["model_speedup"] > 0
+    costs = case["costs"]
+    assert costs["step_ms"] > 0 and costs["verify_form"] == "rows"  # the CPU's form from 2 rows on
+    assert {form: set(by_t) for form, by_t in costs["verify_ms"].items()} == {
+        form: {str(k + 1) for k in ks} for form in ("rows", "positions")}
+    assert set(costs["draft_step_ms"]) == set(drafts)
+    assert case["best"]["schedule"] in {r["schedule"] for r in runs[1:]}
+    table = bench.format_table(result)
+    assert "draft, k" in table and "verify pass over T positions" in table and "best (draft, k)" in table
+    assert "the runs used rows" in table
+
+
+def test_speculative_suites_and_their_errors(tmp_path):
+    suites, schedules = bench.load_suites()
+    for name in ("speculative", "speculative-demo", "speculative-gpu"):
+        suite = suites[name]
+        assert suite["kind"] == "speculative" and suite["drafts"] and max(suite["num_draft_tokens"]) >= 2
+    cases = bench.build_speculative_cases(suites["speculative-demo"], schedules, models=[str(tmp_path)],
+                                          drafts=["hsd:s=1,min=0,max=4,warmup=1"], batches=[1])
+    (case,) = cases
+    assert case.drafts == ("hsd:s=1,min=0,max=4,warmup=1",) and case.dataset == "{model}/../data/dev.jsonl"
+    with pytest.raises(HsdError, match="not a model folder"):
+        bench.build_cases(suites["speculative"], schedules, models=[str(tmp_path / "none")])
+    with pytest.raises(HsdError, match="leave out --prompt"):
+        bench.build_cases(suites["speculative"], schedules, prompts=[32])
+    with pytest.raises(HsdError, match="leave out --prompt, --beams"):
+        bench.build_cases(suites["speculative"], schedules, beams=[4])

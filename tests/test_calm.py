@@ -508,3 +508,4 @@ def test_bench_calm_suite_runs_side_by_side(tmp_path):
         assert softmax["avg_layers"] == L and softmax["tests_per_step"] == L - 1 and "ms_per_test" in softmax
         assert softmax["ideal_speedup"] < 1
         assert runs[(1, "calm:lambda=0.9,measure=state")]["tests_per_step"] == 0
+        assert set(case["softmax_test"]) == {"1", "2"} and all(t["ms"] > 0 for t in case["softmax_test"].values())

@@ -45,6 +45,13 @@ def register(subparsers) -> None:
                        help="start over, replacing the rows of an earlier run in OUTPUT (or OUTPUT.partial)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); the paper uses 4")
+    p.add_argument("--draft", metavar="SPEC",
+                   help="lossless self-speculative greedy decoding: this static schedule (spec, preset or .npy "
+                        "mask, e.g. 'hsd:s=1,min=0,max=4,warmup=1') drafts tokens and all layers verify them, so "
+                        "the output is vanilla greedy's (--schedule stays vanilla; greedy only)")
+    p.add_argument("--num-draft-tokens", type=int, metavar="K",
+                   help="with --draft: tokens drafted per round, each round verified by one all-layer pass "
+                        "(default 2)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt, at most")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search: scores are divided by length**penalty (as in transformers)")
@@ -179,7 +186,8 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"model": str(model.resolve()) if model.exists() else args.model, "schedule": args.schedule,
             "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
             "length_penalty": args.length_penalty, "early_stopping": args.early_stopping,
-            "no_eos": args.no_eos, "dtype": args.dtype}
+            "no_eos": args.no_eos, "dtype": args.dtype, "draft": args.draft,
+            "num_draft_tokens": args.num_draft_tokens}
 
 
 def _holds_rows(path: Path) -> bool:
@@ -276,6 +284,8 @@ def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
     )
     if args.no_eos:
         options["eos_token_id"] = None
+    if args.draft is not None or args.num_draft_tokens is not None:
+        options.update(draft=args.draft, num_draft_tokens=args.num_draft_tokens)
 
     if args.prompt:  # a handful of prompts: one batch, exactly as given
         batches = [(done, hsd_jax.generate(lm, prompts=prompts[done:], **options))]
@@ -305,6 +315,11 @@ def _summary(args: argparse.Namespace, lm, parts: list, rows: list[dict], done: 
     summary = (f"schedule {parts[0].schedule} | {len(rows)} prompts{resumed}, {tokens} tokens | "
                f"Avg. Layer {layers / tokens:.2f} of {lm.config.num_layers} | "
                f"{tokens / seconds if seconds > 0 else float('nan'):.1f} tokens/s (compile excluded)")
+    if parts[0].draft is not None:  # speculative: how the rounds went, over every batch
+        stats = {key: sum(g.draft_stats[key] for g in parts) for key in parts[0].draft_stats}
+        summary += (f" | draft {parts[0].draft}, k={parts[0].num_draft_tokens}: acceptance "
+                    f"{stats['accepted'] / max(stats['drafted'], 1):.2f}, "
+                    f"{stats['round_tokens'] / max(stats['rounds'], 1):.2f} tokens per round")
     stream = sys.stderr if args.json else sys.stdout
     print(summary, file=stream)
     if args.output:
