@@ -23,6 +23,16 @@ layer primitives: the reference the compiled programs are checked against.
 The weights are read in the decode layout (`hsd_jax.models.decode_layout`): per-layer
 pytrees with (out, in) kernels. The model is converted to it once, in place
 (`CausalLM.to_layout`), so there is one copy of the weights.
+
+Data parallel (`devices`): over several devices, one program decodes the batch split on
+a "data" mesh axis: the weights replicated (one copy per device), the prompts, the KV
+cache and the search state sharded by rows (`shard_rows`), each input's beams on one
+device (an input's K beam rows are contiguous). The program is the one-device program,
+partitioned by XLA: batch-wide decisions (the loop's "all rows done", CALM's exit=batch
+rule, the speculative batch minimum) are taken over the whole batch, as on one device.
+The rows are padded to a multiple of the device count with copies of the last row,
+which change no batch-wide decision (a copy is done, confident or agreed exactly when
+its original is) and are dropped from the results, so the output is one device's.
 """
 
 from __future__ import annotations
@@ -30,11 +40,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import weakref
 from typing import Any, Callable, Hashable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hsd_jax.models import RUN, KVCache, ModelConfig, decode_step, forward
 from hsd_jax.schedules import Schedule
@@ -62,7 +74,8 @@ class Strategy(Protocol):
 
     def decode(self, params, config: ModelConfig, search, state, loop: Loop, *arguments):
         """Traced: every decode step after the prefill, through `loop`. Returns the
-        search state, or (state, stats): a dict of () arrays the strategy counts
+        search state, or (state, stats): a dict of the strategy's counts, each () or (rows,)
+        (a count per row, which the engine sums over the real rows)
         (`hsd_jax.speculative.SpeculativeSteps` runs its own loop over rounds this way)."""
 
     def eager_step(self, params, config: ModelConfig, tokens, cache: KVCache, t: int, live):
@@ -155,6 +168,21 @@ def _dtype(params):
     return jax.tree.leaves(params)[0].dtype
 
 
+def shard_rows(tree, mesh):
+    """`tree` (a search state, inside the program) constrained to the "data" axis: every array
+    leads with its rows (B, or B x K beam-major: an input's beams stay on one device), and
+    scalars are replicated. XLA would otherwise be free to keep the KV cache, made from
+    zeros, whole on every device."""
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows if x.ndim else replicated), tree)
+
+
+def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+    """`x` with copies of its last row appended up to a multiple of `multiple` rows."""
+    extra = -len(x) % multiple
+    return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+
+
 @dataclasses.dataclass
 class Decoded:
     tokens: np.ndarray  # (B, N) best sequence of each input
@@ -163,6 +191,7 @@ class Decoded:
     compile_seconds: float  # 0.0 when the program came from the cache
     decode_seconds: float
     stats: dict = dataclasses.field(default_factory=dict)  # a strategy's own counts (ints), if it keeps any
+    devices: int = 1  # devices the batch was split over
 
 
 class Decoder:
@@ -176,28 +205,46 @@ class Decoder:
         self.config = config
         self.max_programs = max_programs
         self._programs: collections.OrderedDict = collections.OrderedDict()
+        self._placed = None  # (token, devices, the weights (weak references), the weights on those devices)
 
     def __len__(self) -> int:
         return len(self._programs)
 
-    def decode(self, params, strategy: Strategy, search, ids, mask, cache_len: int, mode: str = "compiled") -> Decoded:
-        """Decodes (B, T) left-padded `ids` / `mask`; `params` in the decode layout."""
-        ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
+    def decode(self, params, strategy: Strategy, search, ids, mask, cache_len: int, mode: str = "compiled",
+               devices=None) -> Decoded:
+        """Decodes (B, T) left-padded `ids` / `mask`; `params` in the decode layout.
+
+        `devices` (a sequence of devices; None: the default device) is what the batch is
+        split over, at most one device per row; "eager" runs on one device."""
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
         cache_len += getattr(strategy, "extra_cache_slots", 0)
         if mode == "eager":
             start = time.perf_counter()
-            tokens, layers, steps, stats = self._eager(params, strategy, search, ids, mask, cache_len)
+            tokens, layers, steps, stats = self._eager(params, strategy, search, jnp.asarray(ids), jnp.asarray(mask),
+                                                       cache_len)
             return Decoded(np.asarray(tokens), np.asarray(layers), int(steps), 0.0, time.perf_counter() - start,
-                           _ints(stats))
+                           _ints(stats, len(ids)))
+        rows = len(ids)
+        devices = tuple(devices or ())[:rows]
         arguments = strategy.arguments()
-        program, compile_seconds = self._program(params, strategy, search, ids, mask, cache_len, arguments)
+        mesh = None
+        if len(devices) > 1:
+            mesh = Mesh(np.array(devices), ("data",))
+            batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+            params = self._replicated(params, replicated)
+            ids, mask = (jax.device_put(pad_rows(x, len(devices)), batch) for x in (ids, mask))
+            arguments = jax.device_put(arguments, replicated)
+        else:
+            ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        program, compile_seconds = self._program(params, strategy, search, ids, mask, cache_len, arguments, mesh)
         start = time.perf_counter()
         tokens, layers, steps, stats = jax.block_until_ready(program(params, ids, mask, *arguments))
-        return Decoded(np.asarray(tokens), np.asarray(layers), int(steps), compile_seconds,
-                       time.perf_counter() - start, _ints(stats))
+        return Decoded(np.asarray(tokens)[:rows], np.asarray(layers)[:rows], int(steps), compile_seconds,
+                       time.perf_counter() - start, _ints(stats, rows), devices=max(len(devices), 1))
 
-    def _program(self, params, strategy, search, ids, mask, cache_len, arguments):
-        key = (strategy.program_key(), search, ids.shape, cache_len, _dtype(params))
+    def _program(self, params, strategy, search, ids, mask, cache_len, arguments, mesh=None):
+        devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
+        key = (strategy.program_key(), search, ids.shape, cache_len, _dtype(params), devices)
         if key in self._programs:
             self._programs.move_to_end(key)
             return self._programs[key], 0.0
@@ -205,15 +252,51 @@ class Decoder:
 
         def run(params, ids, mask, *arguments):
             state = prefill(params, config, search, ids, mask, cache_len)
+            if mesh is not None:
+                state = shard_rows(state, mesh)
             state, stats = _with_stats(strategy.decode(params, config, search, state, loop, *arguments))
             return search.best(state), search.best_layers(state), state.i, stats
 
         start = time.perf_counter()
-        program = jax.jit(run).lower(params, ids, mask, *arguments).compile()
+        if mesh is None:
+            program = jax.jit(run).lower(params, ids, mask, *arguments).compile()
+        else:
+            batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+            program = jax.jit(run, in_shardings=(replicated, batch, batch, *(replicated,) * len(arguments)))
+            with jax.set_mesh(mesh):  # traced with the mesh known: the search's top-k runs per device
+                program = program.lower(params, ids, mask, *arguments).compile()
         self._programs[key] = program
         while len(self._programs) > self.max_programs:
             self._programs.popitem(last=False)
         return program, time.perf_counter() - start
+
+    def _replicated(self, params, sharding):
+        """`params` on every device of `sharding`'s mesh, kept for the next call with the same
+        weights and devices. A weight already on one of the devices is used there as it is, so
+        each device holds one copy."""
+        leaves = jax.tree.leaves(params)
+        devices = tuple(sharding.mesh.devices.flat)
+        cached = self._placed
+        if cached is not None and cached[1] == devices and len(cached[2]) == len(leaves) \
+                and all(ref() is leaf for ref, leaf in zip(cached[2], leaves)):
+            return cached[3]
+
+        def place(x):
+            shards = [x if x.devices() == {d} else jax.device_put(x, d) for d in devices]
+            return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+        placed = jax.tree.map(place, params)
+        token = object()  # names this entry; the callbacks must not hold the copies themselves
+        self._placed = (token, devices, [weakref.ref(leaf) for leaf in leaves], placed)
+        # The copies share the weights' buffers: once the model lets go of a weight (a new
+        # layout, new weights), they go too, rather than keeping a second set alive.
+        for leaf in leaves:
+            weakref.finalize(leaf, self._forget, token)
+        return placed
+
+    def _forget(self, token) -> None:
+        if self._placed is not None and self._placed[0] is token:
+            self._placed = None
 
     def _eager(self, params, strategy, search, ids, mask, cache_len):
         config = self.config
@@ -234,5 +317,7 @@ def _with_stats(out):
     return out if isinstance(out, tuple) else (out, {})
 
 
-def _ints(stats: dict) -> dict:
-    return {key: int(value) for key, value in stats.items()}
+def _ints(stats: dict, rows: int) -> dict:
+    """A strategy's counts as ints: a () count as it is, a (rows,) count summed over the first
+    `rows` rows (the real ones: padding rows would count twice)."""
+    return {key: int(np.sum(np.asarray(value)[:rows]) if np.ndim(value) else value) for key, value in stats.items()}

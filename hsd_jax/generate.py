@@ -18,6 +18,12 @@ its exits at run time; `draft=` runs self-speculative greedy decoding
 (`hsd_jax.speculative.SpeculativeSteps`), whose tokens are vanilla greedy's. This
 module checks the inputs, pads the prompts, picks the strategy and turns the engine's
 arrays into a `Generation`.
+
+Several devices: `generate(..., devices=None)` splits the batch over every local device
+(the engine shards it; `devices=N` the first N), with the same output as one device.
+`iter_batches` cuts a long list of prompts into calls of `batch_size` prompts per device;
+with `split_processes=True` and `jax.distributed` initialised, the processes share the
+batches and process 0 receives them all, in input order (`hsd_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsd_jax import distributed
 from hsd_jax.calm import CalmSteps
 from hsd_jax.engine import MODES, ScheduleSteps
 from hsd_jax.errors import HsdError
@@ -66,6 +73,7 @@ class Generation:
     draft: str | None = None
     num_draft_tokens: int = 0
     draft_stats: dict[str, int] | None = None
+    devices: int = 1  # devices the batch was split over (the most any batch used, over batches)
 
     @property
     def acceptance_rate(self) -> float:
@@ -112,6 +120,7 @@ def generate(
     pad_to_multiple_of: int = 1,
     draft: str | Schedule | np.ndarray | None = None,
     num_draft_tokens: int | None = None,
+    devices: int | None = None,
 ) -> Generation:
     """Decodes a batch of prompts under a layer-skip schedule.
 
@@ -129,10 +138,19 @@ def generate(
     `num_draft_tokens` tokens (k, default DEFAULT_NUM_DRAFT_TOKENS) under the draft
     schedule and verifies them with one all-layer pass; the tokens are vanilla
     greedy's. `schedule` must then be vanilla and `num_beams` 1.
+
+    `devices` is how many of this process's devices the batch is split over: None for
+    all of them, 1 for one (at most one per prompt: 3 prompts use 3 of 8). The output is
+    the same on any number; `Generation.devices` says how many were used. "eager" mode,
+    the reference, runs on one device.
     """
     rows = _prompt_rows(lm, input_ids, prompts, attention_mask)
     if mode not in MODES:
         raise HsdError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    placed = distributed.local_devices(devices)
+    if mode == "eager" and devices is not None and devices > 1:
+        raise HsdError(f"eager mode is the one-device reference and cannot split the batch over {devices} "
+                       "devices; use mode 'compiled' or 'static', or devices=1")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise HsdError(f"num_beams must be a positive integer, got {num_beams!r}")
     if num_beams > lm.config.vocab_size:  # each beam must be able to hold a different token
@@ -169,7 +187,7 @@ def generate(
     start, converting = time.perf_counter(), lm.layout != "decode"
     params = lm.to_layout("decode").params  # once per model: the decode layout replaces the stacked weights
     layout_seconds = time.perf_counter() - start if converting else 0.0  # counted as compile time
-    out = lm.decoder.decode(params, strategy, search, ids, mask, cache_len, mode)
+    out = lm.decoder.decode(params, strategy, search, ids, mask, cache_len, mode, devices=placed)
     compile_seconds, decode_seconds = out.compile_seconds + layout_seconds, out.decode_seconds
 
     tokens, step_layers, steps = out.tokens, out.step_layers, out.steps
@@ -186,7 +204,8 @@ def generate(
     return Generation(sequences=sequences, layers_per_token=layers, texts=texts, schedule=sched.spec, mode=mode,
                       num_beams=num_beams, compile_seconds=compile_seconds, decode_seconds=decode_seconds,
                       num_steps=steps, draft=None if draft_sched is None else draft_sched.spec,
-                      num_draft_tokens=k, draft_stats=out.stats if draft_sched is not None else None)
+                      num_draft_tokens=k, draft_stats=out.stats if draft_sched is not None else None,
+                      devices=out.devices)
 
 
 # k without num_draft_tokens. On the CPU measured, k = 1 did best (every k was slower than
@@ -220,16 +239,29 @@ def _draft(draft, num_draft_tokens, sched, num_beams: int, num_layers: int, max_
 
 
 def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
-                 start: int = 0, desc: str = "generate", **options) -> Iterator[tuple[int, Generation]]:
+                 start: int = 0, desc: str = "generate", devices: int | None = None, split_processes: bool = False,
+                 **options) -> Iterator[tuple[int, Generation]]:
     """`generate` over `prompts[start:]` in fixed-size batches, yielding each batch as it finishes.
 
     Yields (index of the batch's first prompt, its `Generation`, one entry per prompt
     of the batch), so a caller can save rows as they come; `start` skips prompts an
     earlier run already decoded. Every batch has the same number of rows (the last is
-    filled up with copies of its final prompt; with fewer prompts than `batch_size`, the
+    filled up with copies of its final prompt; with fewer prompts than a batch, the
     batch is just those prompts) and a prompt width rounded up to a
     multiple of 32, so a long file compiles a handful of programs, not one per batch.
     Shows a progress bar.
+
+    `batch_size` is prompts per device: a batch holds `batch_size` x devices prompts, split
+    over the devices (`devices`, as in `generate`). Except where a row's output depends on
+    the other rows of its batch (CALM's exit=batch rule, a draft's batch minimum:
+    `rows_interact`): then a batch holds `batch_size` prompts, still split over the devices,
+    so that the output is the same on any number of devices.
+
+    `split_processes=True`, with `jax.distributed` initialised (several processes): the
+    batches are dealt to the processes in turn, each decodes its own on its local
+    devices (as many on every process: the fewest any has, or `devices`), and process 0
+    yields every batch in input order (the others' received from them); the other
+    processes yield nothing (`hsd_jax.distributed`).
     """
     from hsd_jax.progress import progress
 
@@ -238,6 +270,13 @@ def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[i
     prompts = list(prompts)
     if not prompts:
         raise HsdError("no prompts given")
+    split = split_processes and distributed.process_count() > 1
+    if options.get("mode") == "eager" and devices is None:
+        count = 1  # the reference runs on one device
+    else:
+        count = distributed.shared_device_count(devices) if split else len(distributed.local_devices(devices))
+    if not rows_interact(lm, options):
+        batch_size *= count
     # Every prompt is encoded and checked before the first batch: a prompt too long for the
     # model, found at batch 900 of 1000, would cost the decoding of the 899 before it first.
     key = "prompts" if isinstance(prompts[0], str) else "input_ids"
@@ -248,14 +287,37 @@ def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[i
     # the last prompt (3 prompts with --batch-size 2000 decoded 2000 rows).
     batch_size = max(1, min(batch_size, len(prompts) - start))
     starts = range(start, len(prompts), batch_size)
-    for first in progress(starts, desc=desc, unit="batch", disable=None if len(starts) > 1 else True):
+
+    def decode(first: int) -> Generation:
         batch = prompts[first:first + batch_size]
         filled = batch + [batch[-1]] * (batch_size - len(batch))
-        out = generate(lm, **{key: filled}, pad_to_multiple_of=32, **options)
+        out = generate(lm, **{key: filled}, pad_to_multiple_of=32, devices=count, **options)
         n = len(batch)
-        yield first, dataclasses.replace(
+        return dataclasses.replace(
             out, sequences=out.sequences[:n], layers_per_token=out.layers_per_token[:n],
             texts=None if out.texts is None else out.texts[:n])
+
+    if split:
+        yield from distributed.split_batches(list(starts), decode, dataclasses.asdict, lambda d: Generation(**d),
+                                             desc=desc)
+        return
+    for first in progress(starts, desc=desc, unit="batch", disable=None if len(starts) > 1 else True):
+        yield first, decode(first)
+
+
+def rows_interact(lm: LanguageModel, options: dict) -> bool:
+    """Whether a row's output under these `generate` options depends on the other rows of
+    its batch: CALM with exit=batch (one exit decision per step for the batch) and a draft
+    (the batch keeps the drafts every row agreed with, so a row's layers depend on the
+    others; its tokens do not). Options `generate` would refuse say False: it says why."""
+    if options.get("draft") is not None:
+        return True
+    try:
+        sched = resolve(options.get("schedule", "vanilla"), num_layers=lm.config.num_layers,
+                        max_new_tokens=options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    except (HsdError, TypeError, ValueError):
+        return False
+    return isinstance(sched, CalmConfig) and sched.exit == "batch"
 
 
 def _check_fit(lm: LanguageModel, rows: list[list[int]], start: int, max_new_tokens) -> None:
@@ -272,10 +334,13 @@ def _check_fit(lm: LanguageModel, rows: list[list[int]], start: int, max_new_tok
 
 
 def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
-                     desc: str = "generate", **options) -> Generation:
+                     desc: str = "generate", **options) -> Generation | None:
     """`generate` over many prompts (strings or token lists) in fixed-size batches
-    (see `iter_batches`), gathered into one `Generation`."""
+    (see `iter_batches`, whose options it takes), gathered into one `Generation`. With
+    `split_processes=True` over several processes, None on every process but 0."""
     parts = [out for _, out in iter_batches(lm, prompts, batch_size=batch_size, desc=desc, **options)]
+    if not parts:  # another process's batches: process 0 has them
+        return None
     first = parts[0]
     return Generation(
         sequences=[s for out in parts for s in out.sequences],
@@ -288,6 +353,7 @@ def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequen
         draft=first.draft, num_draft_tokens=first.num_draft_tokens,
         draft_stats=None if first.draft_stats is None
         else {key: sum(out.draft_stats[key] for out in parts) for key in first.draft_stats},
+        devices=max(out.devices for out in parts),
     )
 
 

@@ -137,7 +137,7 @@ class BeamSearch:
         logp = (logp + s.running_scores[:, :, None]).reshape(b, k * vocab)
 
         # Top 2K continuations over all beams of an input.
-        top_lp, top_idx = jax.lax.top_k(logp, 2 * k)  # (B, 2K)
+        top_lp, top_idx = _top_k(logp, 2 * k)  # (B, 2K)
         parent, tok = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         cand = jnp.take_along_axis(s.running, parent[:, :, None], axis=1)  # (B, 2K, N)
         cand = jax.lax.dynamic_update_slice(cand, tok[:, :, None], (0, 0, s.i))
@@ -152,7 +152,7 @@ class BeamSearch:
 
         # The K best candidates that did not end keep running.
         run_lp = top_lp + hits * _NEG
-        _, keep = jax.lax.top_k(run_lp, k)
+        _, keep = _top_k(run_lp, k)
         running = jnp.take_along_axis(cand, keep[:, :, None], axis=1)
         running_layers = jnp.take_along_axis(cand_layers, keep[:, :, None], axis=1)
         running_scores = jnp.take_along_axis(run_lp, keep, axis=1)
@@ -168,7 +168,7 @@ class BeamSearch:
         merged_scores = jnp.concatenate([s.finished_scores, fin_lp], axis=1)
         merged_flag = jnp.concatenate([s.finished_flag, just_ended], axis=1)
         merged = jnp.concatenate([s.finished, cand], axis=1)
-        _, best = jax.lax.top_k(merged_scores, k)
+        _, best = _top_k(merged_scores, k)
         finished = jnp.take_along_axis(merged, best[:, :, None], axis=1)
         merged_layers = jnp.concatenate([s.finished_layers, cand_layers], axis=1)
         finished_layers = jnp.take_along_axis(merged_layers, best[:, :, None], axis=1)
@@ -210,6 +210,18 @@ class BeamSearch:
     def best_layers(self, s: BeamState) -> jax.Array:
         """(B, N) layers run for each of `best`'s tokens (its own beams' rows, step by step)."""
         return s.finished_layers[:, 0]
+
+
+def _top_k(x: jax.Array, k: int):
+    """`jax.lax.top_k` of each row of (B, n) `x`, on the devices that hold the row: in a
+    program split by rows over a "data" mesh (`hsd_jax.engine`, traced under `jax.set_mesh`),
+    XLA would otherwise gather the whole batch onto every device for its TopK at every step
+    (it does not split a TopK by rows)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in mesh.axis_names:
+        return jax.lax.top_k(x, k)
+    rows = jax.sharding.PartitionSpec("data")
+    return jax.shard_map(lambda x: jax.lax.top_k(x, k), in_specs=rows, out_specs=rows)(x)
 
 
 def make_search(*, num_beams: int, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,

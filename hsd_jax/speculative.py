@@ -170,7 +170,9 @@ def speculative_decode(params, config: ModelConfig, search, state, ops, k: int, 
     n, num_layers, pad = search.max_new_tokens, config.num_layers, search.pad_token_id
     batch = state.tokens.shape[0]
     width = n + k + 1  # a round writes k + 1 tokens at i <= n - 1
-    stats = {key: jnp.zeros((), jnp.int32) for key in STAT_KEYS}
+    # drafted and accepted are counted per row: the engine sums them over the real rows (the
+    # rows that pad a batch split over devices copy a real one and would count it twice).
+    stats = {key: jnp.zeros((batch,) if key in ("drafted", "accepted") else (), jnp.int32) for key in STAT_KEYS}
     draft_step = schedule_step(config, lambda t: ops[t])
     position = jnp.arange(k + 1)
 
@@ -200,8 +202,8 @@ def speculative_decode(params, config: ModelConfig, search, state, ops, k: int, 
         live = ~finished
         stats = {
             "rounds": stats["rounds"] + 1,
-            "drafted": stats["drafted"] + k * jnp.sum(live),
-            "accepted": stats["accepted"] + jnp.sum(jnp.where(live, agreed, 0)),
+            "drafted": stats["drafted"] + k * live,
+            "accepted": stats["accepted"] + jnp.where(live, agreed, 0),
             "round_tokens": stats["round_tokens"] + c,
         }
         state = state.replace(

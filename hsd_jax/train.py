@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from hsd_jax import data as data_lib
+from hsd_jax import distributed
 from hsd_jax.errors import HsdError
 from hsd_jax.io import check_output_dir, write_json, write_text
 from hsd_jax.progress import progress
@@ -197,32 +198,6 @@ class TrainResult:
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message names the intact checkpoint a `--resume` continues from."""
-
-
-# ---------------------------------------------------------------- distributed
-
-
-def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` only when the environment describes several processes.
-
-    Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES (> 1), JAX_PROCESS_ID. Or a
-    cluster JAX detects itself (SLURM, Open MPI) with more than one task. Must run
-    before anything touches a JAX device.
-    """
-    import jax
-
-    if jax.distributed.is_initialized():
-        return True
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
-        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
-                                   process_id=int(env.get("JAX_PROCESS_ID", "0")))
-        return True
-    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
-        return True
-    return False
 
 
 # ---------------------------------------------------------------- model
@@ -809,7 +784,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Runs (or resumes) a training run; see the module docstring."""
     _check_config(cfg)
     out = Path(cfg.output)
-    maybe_initialize_distributed()
+    distributed.maybe_initialize()
     import jax
 
     with _output_lock(out, enabled=jax.process_index() == 0):

@@ -143,8 +143,10 @@ class KVCache:
         inherited = jnp.take_along_axis(self.beam_source, parents[:, :, None], axis=1)
         own = jnp.arange(k, dtype=jnp.int32)[None, :, None]
         beam_source = jnp.where(jnp.arange(s) < self.index, inherited, own)
-        rows = (jnp.arange(b)[:, None] * k + parents).reshape(-1)
-        return self.replace(beam_source=beam_source, valid=self.valid[rows])
+        # Each input's own rows, gathered within the input: a batch split by inputs over
+        # devices (hsd_jax.engine) then needs no rows from another device.
+        valid = jnp.take_along_axis(self.valid.reshape(b, k, -1), parents[:, :, None], axis=1)
+        return self.replace(beam_source=beam_source, valid=valid.reshape(b * k, -1))
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
