@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from hsd_jax import distributed
 from hsd_jax.checkpoint import LanguageModel
 from hsd_jax.data import encode_source
 from hsd_jax.errors import HsdError
@@ -91,11 +92,15 @@ def iter_evaluate(
     batch_size: int = 8,
     mode: str = "compiled",
     bertscorer: BertScorer | None = None,
+    devices: int | None = None,
+    split_processes: bool = False,
 ) -> Iterator[EvalResult]:
     """Decodes `sources` (as training prompts) under each schedule and yields its scores.
 
     All schedules are checked before the first is decoded; BERTScore is scored when a
-    `bertscorer` is given.
+    `bertscorer` is given. `batch_size` is sources per device, `devices` and
+    `split_processes` as in `hsd_jax.generate.iter_batches`: split over several processes,
+    only process 0 yields the rows (the others decode their share of each).
     """
     if lm.tokenizer is None:
         raise HsdError("evaluation needs the model's tokenizer; load a folder with tokenizer files")
@@ -111,7 +116,10 @@ def iter_evaluate(
     prompts = [encode_source(lm.tokenizer, s, room) for s in sources]
     for sched in resolved:
         out = generate_batched(lm, prompts, batch_size=batch_size, desc=sched.name, schedule=sched,
-                               num_beams=num_beams, max_new_tokens=max_new_tokens, mode=mode)
+                               num_beams=num_beams, max_new_tokens=max_new_tokens, mode=mode, devices=devices,
+                               split_processes=split_processes)
+        if out is None:  # another process's share, decoded for process 0
+            continue
         texts = [t.strip() for t in out.texts]
         scores = all_metrics(texts, references, bertscorer=bertscorer)
         yield EvalResult(method=sched.name, spec=sched.spec, avg_layers=out.avg_layers, scores=scores,
@@ -150,6 +158,8 @@ def evaluate_to_folder(
     mode: str = "compiled",
     bertscorer: BertScorer | None = None,
     predictions_only: bool = False,
+    devices: int | None = None,
+    split_processes: bool = False,
 ) -> list[EvalResult]:
     """Runs the evaluation into `output`: results.json, table.md, the plot and one predictions
     file per schedule, all rewritten (atomically) after every finished row.
@@ -160,17 +170,35 @@ def evaluate_to_folder(
     refused unless `overwrite=True`, which first removes that evaluation's files.
     `predictions_only=True` keeps the dataset's text out of the predictions files (see
     `prediction_rows`), for results published apart from the data.
+
+    `devices` and `split_processes` as in `iter_evaluate`. Split over several processes,
+    process 0 alone reads and writes `output` (and needs the `bertscorer`); the others
+    decode their share of each row and return [].
     """
-    if metric not in METRICS or (metric == "BERTScore" and bertscorer is None):
-        available = [m for m in METRICS if m != "BERTScore" or bertscorer is not None]
-        raise HsdError(f"--metric {metric!r} is not among the scores computed ({', '.join(available)})")
     out = Path(output)
     resolved = resolve_all(lm, schedules, max_new_tokens)  # fail on a bad spec before anything is written
     record = {"settings": {**settings, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
                            "batch_size": batch_size, "mode": mode,
                            "bertscore": None if bertscorer is None else bertscorer.description},
               "data_fingerprint": data_fingerprint(sources, references), "num_sources": len(sources)}
-    done = _previous_rows(out, record, resume, overwrite)
+    done: dict[str, EvalResult] = {}
+
+    def plan() -> list[str]:
+        """The specs still to decode (process 0's decision: it reads what an earlier run left)."""
+        if metric not in METRICS or (metric == "BERTScore" and bertscorer is None):
+            available = [m for m in METRICS if m != "BERTScore" or bertscorer is not None]
+            raise HsdError(f"--metric {metric!r} is not among the scores computed ({', '.join(available)})")
+        done.update(_previous_rows(out, record, resume, overwrite))
+        return [s.spec for s in resolved if s.spec not in done]
+
+    todo_specs = distributed.lead_decides("eval-plan", plan) if split_processes else plan()
+    options = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size, mode=mode,
+                   bertscorer=bertscorer, devices=devices, split_processes=split_processes)
+    if split_processes and not distributed.is_lead():
+        todo = [s for s in resolved if s.spec in todo_specs]
+        for _ in iter_evaluate(lm, sources, references, todo, **options) if todo else ():
+            pass  # yields nothing here: the rows are process 0's
+        return []
     results: dict[str, EvalResult] = {}
 
     def save() -> None:
@@ -186,8 +214,7 @@ def evaluate_to_folder(
     todo = [s for s in resolved if s.spec not in results]
     if results:
         print(f"resuming {out}: {len(results)} of {len(resolved)} rows done", flush=True)
-    rows = iter_evaluate(lm, sources, references, todo, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, mode=mode, bertscorer=bertscorer) if todo else []
+    rows = iter_evaluate(lm, sources, references, todo, **options) if todo else []
     for result in rows:
         write_jsonl(_predictions_path(out, result.spec), prediction_rows(sources, references, result.predictions,
                                                                        with_data=not predictions_only))

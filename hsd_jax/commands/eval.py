@@ -33,7 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N sources (default: all)")
     p.add_argument("--num-beams", type=int, default=4, help="beams; the paper uses 4 (default: 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="sources per decoding batch (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sources per device in a decoding batch (as hsd-jax generate's; default: 8)")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="split each batch over the first N of this process's devices (default: all of them); "
+                   "the predictions are the same on any number. Under jax.distributed (several processes, "
+                   "docs/multihost.md) the sources are shared out among the processes and process 0 scores "
+                   "and writes")
     p.add_argument("--mode", choices=["compiled", "static", "eager"], default="compiled",
                    help="(default: compiled)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
@@ -56,18 +62,42 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import hsd_jax
-    from hsd_jax import data
-    from hsd_jax.evaluate import PLOT, RESULTS, TABLE, evaluate_to_folder, group_references, markdown_table
-    from hsd_jax.io import check_output_dir
-    from hsd_jax.metrics import BertScorer
+    from hsd_jax import distributed
+    from hsd_jax.evaluate import RESULTS
 
     if args.limit is not None and args.limit < 1:
         raise HsdError(f"--limit must be at least 1, got {args.limit}; leave it out to evaluate every source")
     for flag in ("num_beams", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             raise HsdError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    check_output_dir(args.output)
+    if args.devices is not None and args.devices < 1:
+        raise HsdError(f"--devices must be at least 1, got {args.devices}; leave it out to use every device")
+    distributed.maybe_initialize()  # a launcher's several processes (docs/multihost.md); before JAX's devices
+    distributed.local_devices(args.devices)  # too many: said now, not after the model has loaded
+    lead = distributed.is_lead()  # process 0 checks, scores and writes; the others only decode
+    try:
+        with distributed.together("eval"):  # a process that fails stops the others
+            return _evaluate(args, lead)
+    except KeyboardInterrupt:
+        where = f"{_rows_saved(args.output / RESULTS)} finished rows are saved in {args.output}" if lead \
+            else "process 0 keeps the finished rows"
+        print(f"hsd-jax eval: interrupted; {where}; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk mid-run: the finished rows are safe, and --resume keeps them
+        if isinstance(err, BrokenPipeError):
+            raise
+        raise HsdError(f"{os_error_text(err)}; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
+                       f"{args.output}, and the same command with --resume continues") from err
+
+
+def _evaluate(args: argparse.Namespace, lead: bool) -> int:
+    import hsd_jax
+    from hsd_jax import data, distributed
+    from hsd_jax.evaluate import PLOT, RESULTS, TABLE, evaluate_to_folder, group_references, markdown_table
+    from hsd_jax.io import check_output_dir
+    from hsd_jax.metrics import BertScorer
+
+    distributed.lead_decides("eval-output", lambda: check_output_dir(args.output))
     if args.dataset:
         pairs = data.load_dataset_pairs(args.dataset, args.split)
         name = f"{args.dataset}/{args.split}"
@@ -78,24 +108,16 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
     lm = hsd_jax.load(args.model, dtype=args.dtype, layout="decode")  # it only decodes: no stacked copy
-    scorer = None if args.no_bertscore else BertScorer(args.bertscore_model, args.bertscore_layers)
+    scorer = None if args.no_bertscore or not lead else BertScorer(args.bertscore_model, args.bertscore_layers)
     title = f"{Path(str(args.model)).name} on {name} ({len(sources)} sources, beam {args.num_beams})"
     settings = {"model": _resolved(args.model), "dataset": name, "dtype": args.dtype}
-    try:
-        results = evaluate_to_folder(
-            lm, sources, references, args.schedules, args.output, settings=settings, title=title,
-            resume=args.resume, overwrite=args.overwrite, metric=args.metric, num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode, bertscorer=scorer,
-            predictions_only=args.predictions_only)
-    except KeyboardInterrupt:
-        print(f"hsd-jax eval: interrupted; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
-              f"{args.output}; run the same command with --resume to continue", file=sys.stderr)
-        return 130
-    except OSError as err:  # a full disk mid-run: the finished rows are safe, and --resume keeps them
-        if isinstance(err, BrokenPipeError):
-            raise
-        raise HsdError(f"{os_error_text(err)}; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
-                       f"{args.output}, and the same command with --resume continues") from err
+    results = evaluate_to_folder(
+        lm, sources, references, args.schedules, args.output, settings=settings, title=title,
+        resume=args.resume, overwrite=args.overwrite, metric=args.metric, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode, bertscorer=scorer,
+        predictions_only=args.predictions_only, devices=args.devices, split_processes=True)
+    if not lead:
+        return 0
     print(markdown_table(results, title))
     out = args.output
     print(f"wrote {out / RESULTS}, {out / TABLE}, {out / PLOT} and {out / 'predictions'}/")

@@ -43,7 +43,15 @@ def register(subparsers) -> None:
                             "and decode only the rest")
     again.add_argument("--overwrite", action="store_true",
                        help="start over, replacing the rows of an earlier run in OUTPUT (or OUTPUT.partial)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per device in a batch with --input-file: a batch decodes batch-size x devices "
+                        "prompts in one call (batch-size alone with CALM exit=batch or --draft, whose decisions "
+                        "are batch-wide, so the output does not depend on the devices); default 8")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="split each batch over the first N of this process's devices (default: all of them); "
+                        "the output is the same on any number. Under jax.distributed (several processes, "
+                        "docs/multihost.md) --input-file is shared out among the processes and process 0 "
+                        "writes the output")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); the paper uses 4")
     p.add_argument("--draft", metavar="SPEC",
                    help="lossless self-speculative greedy decoding: this static schedule (spec, preset or .npy "
@@ -230,12 +238,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 # --- the command -------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    from hsd_jax import distributed
     from hsd_jax.io import JsonlAppender, check_output_file, partial_path, settings_path
 
     if (args.resume or args.overwrite) and not args.output:
         raise HsdError("--resume and --overwrite act on the rows in --output; give --output too")
     if args.batch_size < 1:
         raise HsdError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.devices is not None and args.devices < 1:
+        raise HsdError(f"--devices must be at least 1, got {args.devices}; leave it out to use every device")
     if args.prompt:
         for n, prompt in enumerate(args.prompt, 1):  # counted from 1, as the user wrote them
             if not prompt:
@@ -245,18 +256,31 @@ def run(args: argparse.Namespace) -> int:
         from hsd_jax.data import format_source
 
         prompts = [format_source(p) for p in prompts]
+    distributed.maybe_initialize()  # a launcher's several processes (docs/multihost.md); before JAX's devices
+    distributed.local_devices(args.devices)  # too many: said now, not after the model has loaded
+    if args.prompt and not distributed.is_lead():
+        return 0  # a handful of prompts is one batch: process 0 decodes it
     out = None
-    if args.output:  # before the model loads: a bad path must not cost a decode
+
+    def open_output() -> int:  # before the model loads: a bad path must not cost a decode
+        nonlocal out
         for path in (args.output, partial_path(args.output), settings_path(args.output)):
             check_output_file(path, inputs=[args.input_file])
         out = JsonlAppender(args.output, _earlier_rows(args, prompts), settings=_settings(args))
+        return out.count
+
+    # Only process 0 reads and writes the output; the others learn where it left off.
+    done = distributed.lead_decides("generate-output", open_output) if args.output else 0
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return _decode(args, prompts, out)
+            with distributed.together("generate"):
+                return _decode(args, prompts, out, done)
         except KeyboardInterrupt:
-            print(f"hsd-jax generate: {_interrupted(out, len(prompts))}", file=sys.stderr)
+            text = _interrupted(out, len(prompts)) if distributed.is_lead() else \
+                f"interrupted (process {distributed.process_index()}); process 0 keeps the rows it has written"
+            print(f"hsd-jax generate: {text}", file=sys.stderr)
             return INTERRUPTED
         except (HsdError, OSError) as err:  # e.g. a full disk after some batches: say what is safe
             if out is not None and out.written and not isinstance(err, BrokenPipeError):
@@ -265,14 +289,16 @@ def run(args: argparse.Namespace) -> int:
             raise
 
 
-def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
+def _decode(args: argparse.Namespace, prompts: list[str], out, done: int) -> int:
+    """Decodes prompts[done:]; `out` is None without --output and on processes other than 0."""
     import hsd_jax
+    from hsd_jax import distributed
     from hsd_jax.generate import iter_batches
 
-    done = out.count if out is not None else 0
     if done == len(prompts):
-        print(f"{args.output} already holds all {done} rows; nothing to decode", file=sys.stderr)
-        out.finish()
+        if out is not None:
+            print(f"{args.output} already holds all {done} rows; nothing to decode", file=sys.stderr)
+            out.finish()
         return 0
     lm = hsd_jax.load(args.model, dtype=args.dtype, layout="decode")  # it only decodes: no stacked copy
     if lm.tokenizer is None:
@@ -288,9 +314,10 @@ def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
         options.update(draft=args.draft, num_draft_tokens=args.num_draft_tokens)
 
     if args.prompt:  # a handful of prompts: one batch, exactly as given
-        batches = [(done, hsd_jax.generate(lm, prompts=prompts[done:], **options))]
-    else:
-        batches = iter_batches(lm, prompts, batch_size=args.batch_size, start=done, **options)
+        batches = [(done, hsd_jax.generate(lm, prompts=prompts[done:], devices=args.devices, **options))]
+    else:  # over several processes, the others' batches come to process 0 (and only there)
+        batches = iter_batches(lm, prompts, batch_size=args.batch_size, start=done, devices=args.devices,
+                               split_processes=True, **options)
     rows, parts = [], []
     printing = not args.output or args.json
     for start, g in batches:
@@ -303,18 +330,24 @@ def _decode(args: argparse.Namespace, prompts: list[str], out) -> int:
         parts.append(g)
     if out is not None:
         out.finish()
-    _summary(args, lm, parts, rows, done)
+    if parts:  # process 0's: the others hand it their rows
+        _summary(args, lm, parts, rows, done, 1 if args.prompt else distributed.process_count())
     return 0
 
 
-def _summary(args: argparse.Namespace, lm, parts: list, rows: list[dict], done: int) -> None:
+def _summary(args: argparse.Namespace, lm, parts: list, rows: list[dict], done: int, processes: int = 1) -> None:
     layers = sum(sum(r["layers_per_token"]) for r in rows)
     tokens = sum(len(r["tokens"]) for r in rows)
-    seconds = sum(g.decode_seconds for g in parts)
+    seconds = sum(g.decode_seconds for g in parts)  # over several processes, summed over them
     resumed = f" (+{done} resumed)" if done else ""
+    devices = max(g.devices for g in parts)
+    where = f"{devices} device{'s' if devices > 1 else ''}"
+    if processes > 1:
+        where = f"{processes} processes x {where}"
+    rate = f"{tokens / seconds if seconds > 0 else float('nan'):.1f} tokens/s"
     summary = (f"schedule {parts[0].schedule} | {len(rows)} prompts{resumed}, {tokens} tokens | "
                f"Avg. Layer {layers / tokens:.2f} of {lm.config.num_layers} | "
-               f"{tokens / seconds if seconds > 0 else float('nan'):.1f} tokens/s (compile excluded)")
+               f"{rate}{' per process' if processes > 1 else ''} (compile excluded) | {where}")
     if parts[0].draft is not None:  # speculative: how the rounds went, over every batch
         stats = {key: sum(g.draft_stats[key] for g in parts) for key in parts[0].draft_stats}
         summary += (f" | draft {parts[0].draft}, k={parts[0].num_draft_tokens}: acceptance "
