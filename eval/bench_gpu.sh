@@ -16,7 +16,12 @@
 # first when it is absent (`hsd-jax demo`: ~3.5 min on 2 CPU cores). Sized for under 4
 # more minutes (`--max-seconds 150`, `timeout 230`), training apart.
 #
-# Extra arguments go to both `hsd-jax bench` runs (e.g. --repeats 5, --dry-run); --json
+# With several GPUs visible, last, data-parallel decoding (the devices-gpu suite): compiled
+# vanilla on one GPU against all of them, each GPU the case's batch (GPT-2 large and Phi-2,
+# bfloat16, batch 32 greedy and 8 x beam 4 per GPU), inputs per second side by side and the
+# tokens compared (runs/bench/gpu-devices.json). Under 4 more minutes; skipped on one GPU.
+#
+# Extra arguments go to every `hsd-jax bench` run (e.g. --repeats 5, --dry-run); --json
 # applies to the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,4 +50,12 @@ if [[ " $* " != *" --dry-run "* && ! -d "$SPEC_MODEL" ]]; then
 fi
 timeout --signal=INT 230 "$PY" -m hsd_jax.cli bench --suite speculative-gpu --model "$SPEC_MODEL" \
   --max-seconds 150 --json runs/bench/gpu-speculative.json ${spec_args[@]+"${spec_args[@]}"} || status=$?
+
+devices=$("$PY" -c "import jax; print(len(jax.local_devices()))")
+if [ "$devices" -gt 1 ] || [[ " $* " == *" --dry-run "* ]]; then
+  timeout --signal=INT 230 "$PY" -m hsd_jax.cli bench --suite devices-gpu --max-seconds 150 \
+    --json runs/bench/gpu-devices.json ${spec_args[@]+"${spec_args[@]}"} || status=$?
+else
+  echo "one device: the multi-GPU case (--suite devices-gpu) is skipped"
+fi
 exit "$status"

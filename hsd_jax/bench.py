@@ -22,6 +22,9 @@ Definitions (docs/benchmarks.md restates them):
 - memory roofline = inputs x bandwidth / vanilla weight bytes per token, with the
   bandwidth measured in the same run (the best median of a matrix-vector product and
   a reduction over an array about the size of the weights).
+- the devices run (runner "devices") = compiled vanilla on all N local devices, each
+  device the case's batch (N x batch inputs per call, the same prompts N times); its
+  speedup = its inputs per second / compiled vanilla's on one device.
 
 The suites (`hsd-jax bench --suite NAME`) are data in `hsd_jax.bench_suites`; a
 suite's targets are printed as figures against their target values, and the checks
@@ -60,7 +63,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 TINY = {"gpt2": "tiny-gpt2", "phi": "tiny-phi"}  # --dry-run swaps each model for the tiny one of its family
 
-RUNNERS = ("transformers", "eager", "compiled", "static")
+RUNNERS = ("transformers", "eager", "compiled", "static", "devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,12 +258,12 @@ def _prompts(case: Case, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (case.batch, case.prompt_len), dtype=np.int64)
 
 
-def _hsd_call(lm, ids: np.ndarray, case: Case, mode: str, schedule: str):
+def _hsd_call(lm, ids: np.ndarray, case: Case, mode: str, schedule: str, devices: int = 1):
     from hsd_jax.generate import generate
 
-    def call():
+    def call():  # one device unless asked: the other figures are one device's
         g = generate(lm, input_ids=ids, schedule=schedule, num_beams=case.num_beams, max_new_tokens=case.new_tokens,
-                     mode=mode, eos_token_id=None, pad_token_id=0)
+                     mode=mode, eos_token_id=None, pad_token_id=0, devices=devices)
         return g.num_tokens, g.compile_seconds, g.sequences, g.avg_layers
 
     return call
@@ -315,10 +318,17 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backe
     if "transformers" in runners and backend != "cpu":
         runners.remove("transformers")
         record["notes"].append("transformers runs on CPU only here; left out on " + backend)
+    devices = len(jax.local_devices())
+    if "devices" in runners and devices == 1:
+        runners.remove("devices")
+        record["notes"].append("devices left out: one local device (the row needs several: a multi-GPU machine, or "
+                               "XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU, where they share the cores)")
     available = _available_memory() if backend == "cpu" else None
     if available is not None:
-        # JAX weights + their per-layer decode copy + the bandwidth array (+ PyTorch's copy).
-        need = 3 * total + (total if "transformers" in runners else 0)
+        # JAX weights + their per-layer decode copy + the bandwidth array (+ PyTorch's copy)
+        # (+ a copy per further device, which on CPU share the memory).
+        need = 3 * total + (total if "transformers" in runners else 0) + \
+            ((devices - 1) * total if "devices" in runners else 0)
         if need > available and "transformers" in runners:
             runners.remove("transformers")
             record["notes"].append(f"transformers left out: ~{need / 2**30:.1f} GiB needed, {available / 2**30:.1f} available")
@@ -347,6 +357,9 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backe
     for mode in ("eager", "compiled", "static"):
         if mode in runners:
             runs.append(Run(mode, "vanilla", _hsd_call(lm, ids, case, mode, "vanilla")))
+    if "devices" in runners:  # each device the case's batch
+        runs.append(Run("devices", "vanilla", _hsd_call(lm, np.tile(ids, (devices, 1)), case, "compiled", "vanilla",
+                                                        devices=devices)))
     bytes_of = {"vanilla": vanilla_bytes}
     avg_of = {"vanilla": float(config.num_layers)}
     for spec in case.schedules:
@@ -384,6 +397,7 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backe
     reference = next((run.output for run in runs if run.runner == "compiled" and run.schedule == "vanilla"), None)
     for run in runs:
         seconds = medians[(run.runner, run.schedule)]
+        inputs = case.batch * (devices if run.runner == "devices" else 1)
         tps = inputs * case.new_tokens / seconds
         base = medians.get((run.runner, "vanilla"))
         hf = medians.get(("transformers", "vanilla"))
@@ -404,8 +418,14 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None] = print, backe
             "speedup_over_ideal": speedup / ideal if speedup else None,
             "fraction_of_roofline": tps / (inputs * bw["bytes_per_second"] / bytes_of[run.schedule]),
         }
+        if run.runner == "devices":
+            one = medians.get(("compiled", "vanilla"))
+            entry.update(devices=devices, inputs=inputs, inputs_per_second=inputs / seconds,
+                         speedup_vs_one_device=one and (inputs / seconds) / (case.batch / one),
+                         speedup_vs_vanilla=None, speedup_vs_transformers=None)
         if reference is not None and run.schedule == "vanilla" and run.runner != "compiled":
-            same = np.asarray(run.output) == np.asarray(reference)
+            copies = devices if run.runner == "devices" else 1  # the devices run decodes the prompts N times
+            same = np.asarray(run.output) == np.tile(np.asarray(reference), (copies, 1))
             entry["tokens_equal_compiled"] = float(same.mean())
         record["runs"].append(entry)
     del runs, torch_model_, lm, bandwidth
@@ -579,7 +599,7 @@ def run_speculative_case(case: SpeculativeCase, repeats: int, log: Callable[[str
     def call_of(draft, k):
         def call():
             return [generate(lm, input_ids=b, max_new_tokens=case.new_tokens, eos_token_id=eos, pad_to_multiple_of=32,
-                             draft=draft, num_draft_tokens=k) for b in batches]
+                             draft=draft, num_draft_tokens=k, devices=1) for b in batches]  # one device's figures
         return call
 
     runs = [Run("compiled", "vanilla", call_of(None, None))]
@@ -761,15 +781,17 @@ def case_rows(rec: dict) -> list[list[str]]:
         return _calm_rows(rec)
     rows = []
     for r in rec["runs"]:
+        devices = r["runner"] == "devices"  # its speedup is over compiled vanilla on one device
         rows.append([
-            r["runner"], _short(r["schedule"]), f"{r['avg_layers']:.2f}",
+            f"devices x{r['devices']}" if devices else r["runner"], _short(r["schedule"]), f"{r['avg_layers']:.2f}",
             f"{r['tokens_per_second']:.2f}" + ("*" if r.get("spread", 1.0) > NOISY else ""),
             _fmt(r["speedup_vs_transformers"], "x"),
+            _fmt(r["speedup_vs_one_device"], "x") if devices else
             _fmt(r["speedup_vs_vanilla"], "x") if r["schedule"] != "vanilla" else "",
             _fmt(r["ideal_speedup"], "x") if r["schedule"] != "vanilla" else "",
             _fmt(r["speedup_over_ideal"], "", pct=True) if r["schedule"] != "vanilla" else "",
             _fmt(r["fraction_of_roofline"], "", pct=True),
-            f"{r['compile_seconds']:.1f}" if r["runner"] in ("compiled", "static") else "",
+            f"{r['compile_seconds']:.1f}" if r["runner"] in ("compiled", "static", "devices") else "",
         ])
     return rows
 
@@ -1158,7 +1180,7 @@ def run_calm_case(case: CalmCase, repeats: int, log: Callable[[str], None] = pri
     def call_of(batch, spec):
         def call():
             return [generate(lm, input_ids=rows[i:i + batch], schedule=spec, max_new_tokens=case.new_tokens,
-                             eos_token_id=eos, pad_token_id=0, pad_to_multiple_of=32)
+                             eos_token_id=eos, pad_token_id=0, pad_to_multiple_of=32, devices=1)  # one device's
                     for i in range(0, len(rows), batch)]
         return call
 

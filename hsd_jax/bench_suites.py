@@ -106,6 +106,31 @@ SUITES = {
     },
 }
 
+# Data-parallel decoding (docs/benchmarks.md, "Devices"): compiled vanilla on one device
+# against all local devices, each device the case's batch (runner "devices"; left out, with
+# a note, where there is one device). On CPU, forced host devices
+# (XLA_FLAGS=--xla_force_host_platform_device_count=N) share the same cores: the row then
+# checks that it runs, not a speedup. "devices-gpu" is eval/bench_gpu.sh's multi-GPU case.
+SUITES["devices"] = {
+    "models": ["gpt2"],
+    "prompts": [32],
+    "settings": [(8, 1), (8, 4)],
+    "dtype": "float32",
+    "new_tokens": 32,
+    "runners": ["compiled", "devices"],
+    "schedule_runners": [],
+    "schedule_count": 0,
+    "repeats": 3,
+}
+SUITES["devices-gpu"] = {
+    **SUITES["devices"],
+    "models": ["gpt2-large", "phi-2"],
+    "settings": [(32, 1), (8, 4)],
+    "dtype": "bfloat16",
+    "new_tokens": 64,
+    "order": "settings",
+}
+
 # Self-speculative decoding (docs/performance.md, "Self-speculative decoding"): drafts that
 # run 3 to 11 of 12 layers (layer 0 always), k = 1 .. 4, on a trained 12-layer model.
 SPECULATIVE_DRAFTS = [

@@ -51,7 +51,8 @@ def _measure(arch: str, folder: Path, batch: int, prompt_len: int, new_tokens: i
     weights = sum(x.nbytes for x in jax.tree.leaves(lm.params))
     _, config = model_config(arch)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
-    out = hsd_jax.generate(lm, input_ids=ids, max_new_tokens=new_tokens, eos_token_id=None)
+    out = hsd_jax.generate(lm, input_ids=ids, max_new_tokens=new_tokens, eos_token_id=None,
+                           devices=1)  # the bound counts one copy of the weights
     cache_len = prompt_len + new_tokens
     kv = 2 * config.num_layers * batch * config.num_heads * cache_len * config.head_dim * 4
     peak = _peak_bytes()

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     # An option left out takes the suite's value: its argparse default is None, which
     # --help shows as "(default: None)", so each help says what None stands for.
     p.add_argument("--suite", default="quick",
-                   help="quick (GPT-2 small, prompt 32, batch 1, a few minutes on CPU), full or gpu")
+                   help="quick (GPT-2 small, prompt 32, batch 1, a few minutes on CPU), full, gpu, devices or devices-gpu "
+                   "(1 against all local devices), speculative, calm (docs/benchmarks.md)")
     p.add_argument("--model", nargs="+", metavar="ARCH",
                    help="architectures: gpt2, gpt2-medium, gpt2-large, phi-2 (tiny-gpt2, tiny-phi for tests), "
                    "or None for the suite's")
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--schedules", nargs="*", metavar="SPEC",
                    help="schedules to compare with vanilla (specs or presets), the flag alone for vanilla only, "
                    "or None for the suite's")
-    p.add_argument("--runners", nargs="+", choices=["transformers", "eager", "compiled", "static"],
-                   help="what vanilla runs under (schedules run under compiled and static), or None for the suite's")
+    p.add_argument("--runners", nargs="+", choices=["transformers", "eager", "compiled", "static", "devices"],
+                   help="what vanilla runs under (schedules run under compiled and static; devices: compiled on "
+                   "every local device, each the case's batch, against one device), or None for the suite's")
     p.add_argument("--repeats", type=int, help="timed rounds per case, or None for the suite's (3 if it sets none)")
     p.add_argument("--new-tokens", type=int,
                    help="tokens generated per input, or None for the suite's (64 if it sets none)")
