@@ -218,6 +218,24 @@ def test_two_processes_write_one_processs_output(text_model, tmp_path):
     assert sorted(p.name for p in shared.iterdir()) == ["out.jsonl"]  # written once, atomically, nothing left
 
 
+def test_two_processes_resume_what_one_process_left(text_model, tmp_path):
+    from hsd_jax.cli import build_parser
+    from hsd_jax.commands.generate import _settings
+    from hsd_jax.io import settings_path, write_json
+
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    common = ["generate", "--model", text_model, "--input-file", src, "--max-new-tokens", "6", "--batch-size", "1"]
+    finish(cli(*common, "--output", tmp_path / "one.jsonl", "--devices", "1", cwd=tmp_path))
+    rows = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
+    out = tmp_path / "two.jsonl"  # as an interrupted run leaves it: 3 rows and their settings
+    (tmp_path / "two.jsonl.partial").write_text("".join(rows[:3]))
+    write_json(settings_path(out), _settings(build_parser().parse_args([str(a) for a in (*common, "--output", out)])))
+    outs = [finish(proc) for proc in launch([*common, "--output", out, "--resume"], cwd=tmp_path)]
+    assert "4 prompts (+3 resumed)" in outs[0][0]
+    assert out.read_text() == "".join(rows)
+
+
 def test_two_processes_evaluate_as_one(text_model, tmp_path):
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps({"source": s, "target": s.upper()}) + "\n" for s in PROMPTS))
