@@ -168,7 +168,7 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
                                                          else (eos if eos is not None else 0))
     sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
-    draft_sched, k = _draft(draft, num_draft_tokens, sched, num_beams, config.num_layers, max_new_tokens)
+    speculative = _draft(draft, num_draft_tokens, sched, num_beams, config.num_layers, max_new_tokens)
     mode = _static_or_compiled(sched, mode)
     ids, mask = _left_pad(rows, pad, pad_to_multiple_of, limit=config.max_position - max_new_tokens)
     cache_len = ids.shape[1] + max_new_tokens
@@ -178,8 +178,8 @@ def generate(
     search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
 
-    if draft_sched is not None:  # "static" runs the same program: the draft's row varies per round
-        strategy = SpeculativeSteps(draft_sched, k)
+    if speculative is not None:  # "static" runs the same program: the draft's row varies per round
+        strategy = speculative
     elif isinstance(sched, CalmConfig):
         strategy = CalmSteps(sched, max_new_tokens, config.num_layers)
     else:
@@ -197,14 +197,15 @@ def generate(
         sequences.append(row[:n].tolist())
         record = row_layers[:n].tolist()
         # A draft's record is float32 (a round's layers over its tokens): rounded, so 34/3 reads 11.333333.
-        layers.append(record if draft_sched is None else [round(x, 6) for x in record])
+        layers.append(record if speculative is None else [round(x, 6) for x in record])
     texts = None
     if lm.tokenizer is not None:
         texts = [lm.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
     return Generation(sequences=sequences, layers_per_token=layers, texts=texts, schedule=sched.spec, mode=mode,
                       num_beams=num_beams, compile_seconds=compile_seconds, decode_seconds=decode_seconds,
-                      num_steps=steps, draft=None if draft_sched is None else draft_sched.spec,
-                      num_draft_tokens=k, draft_stats=out.stats if draft_sched is not None else None,
+                      num_steps=steps, draft=None if speculative is None else speculative.draft.spec,
+                      num_draft_tokens=0 if speculative is None else speculative.num_draft_tokens,
+                      draft_stats=None if speculative is None else out.stats,
                       devices=out.devices)
 
 
@@ -215,27 +216,24 @@ DEFAULT_NUM_DRAFT_TOKENS = 2
 
 
 def _draft(draft, num_draft_tokens, sched, num_beams: int, num_layers: int, max_new_tokens: int):
-    """(the draft `Schedule`, k), or (None, 0) without a draft; an HsdError for a request
-    speculative decoding cannot serve."""
+    """The speculative strategy (`SpeculativeSteps`, which checks k), or None without a
+    draft; an HsdError for a request speculative decoding cannot serve."""
     if draft is None:
         if num_draft_tokens is not None:
             raise HsdError("num_draft_tokens needs a draft schedule (draft=...); without one, decoding is not "
                            "speculative")
-        return None, 0
+        return None
     if num_beams != 1:
         raise HsdError(f"speculative decoding (draft=...) is greedy only, but num_beams is {num_beams}; "
                        "use num_beams=1, or drop the draft")
     if not (isinstance(sched, Schedule) and sched.mask.all()):
         raise HsdError(f"with a draft, the output is vanilla greedy's: schedule must be vanilla, not "
                        f"{sched.spec!r} (the draft is the skipping schedule)")
-    k = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise HsdError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     draft_sched = resolve(draft, num_layers=num_layers, max_new_tokens=max_new_tokens)
     if isinstance(draft_sched, CalmConfig):
         raise HsdError(f"the draft must be a static schedule (hsd:..., skipdecode:..., a preset or a mask), "
                        f"not CALM ({draft_sched.spec}): its exits are decided at run time")
-    return draft_sched, k
+    return SpeculativeSteps(draft_sched, DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
 
 
 def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[int]], *, batch_size: int = 8,
