@@ -167,8 +167,14 @@ class TrainConfig:
         "or the group paper), so the model stays good when decoding skips layers; each batch draws one at random "
         "or trains the full model", resume=True, metavar="SPEC", nargs="+", shown_default="none")
     skip_aware_prob: float = setting(
-        0.5, help="share of batches trained under a --skip-aware schedule, the rest train every layer", resume=True,
-        metavar="P")
+        0.5, help="share of batches trained under a --skip-aware schedule, the rest train every layer (in "
+        "joint training, the weight of the schedule's loss)", resume=True, metavar="P")
+    # Joint: each batch trains both paths, the full model and one drawn schedule, as two
+    # copies of its rows (`_add_skip_schedule`): the same expected loss as drawing one, with
+    # every batch's gradient for each path, at twice the compute per step.
+    skip_aware_joint: bool = setting(
+        False, help="each batch trains both the full model and one drawn schedule (loss: (1 - P) x full + "
+        "P x schedule; twice the compute per step) instead of one or the other", resume=True)
     resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
     devices: int | None = setting(None, help="use only the first N local devices (one process)", metavar="N",
                                   shown_default="all")
@@ -321,7 +327,8 @@ def token_nll(params, config, batch):
     """(sum of target-token NLL, number of target tokens) of a batch.
 
     Position t predicts token t + 1, counted where `loss_mask[t + 1]`. An optional
-    `batch["active"]` (L, B, T) bool runs layer l at (b, t) only where True.
+    `batch["active"]` (L, B, T) bool runs layer l at (b, t) only where True; an optional
+    `batch["row_weight"]` (B,) weighs each row's tokens (both sums).
     """
     import jax.numpy as jnp
     import optax
@@ -332,6 +339,8 @@ def token_nll(params, config, batch):
     logits, _ = forward(params, config, tokens, batch["attention_mask"], active=batch.get("active"))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])  # (B, T-1)
     weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    if "row_weight" in batch:
+        weight = weight * batch["row_weight"][:, None]
     return jnp.sum(nll * weight), jnp.sum(weight)
 
 
@@ -496,6 +505,8 @@ def _run_settings(cfg: TrainConfig) -> dict:
             settings[key] = str(Path(value).resolve())
     if settings["lora_targets"] is not None:
         settings["lora_targets"] = list(settings["lora_targets"])
+    if not settings["skip_aware_joint"]:
+        settings["skip_aware_joint"] = None  # recorded only when set, so runs from before the flag still resume
     if settings["skip_aware"] is None:
         settings["skip_aware_prob"] = None  # meaningless without schedules (and absent from older runs)
     else:
@@ -536,6 +547,11 @@ def _check_config(cfg: TrainConfig) -> None:
         if not (math.isfinite(cfg.skip_aware_prob) and 0 < cfg.skip_aware_prob <= 1):
             raise HsdError(f"--skip-aware-prob must be above 0 and at most 1 (the share of batches trained under "
                            f"a schedule), got {cfg.skip_aware_prob}")
+        if cfg.skip_aware_joint and cfg.skip_aware_prob == 1:
+            raise HsdError("--skip-aware-joint with --skip-aware-prob 1 would give the full model's copy no weight; "
+                           "give a weight below 1, or drop --skip-aware-joint to train under schedules only")
+    elif cfg.skip_aware_joint:
+        raise HsdError("--skip-aware-joint needs the schedules to train under: add --skip-aware SPEC [SPEC ...]")
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise HsdError(f"--output {cfg.output} is a file; give a folder")
     check_output_dir(cfg.output)  # under a file, in /proc, not writable: before any work
@@ -821,7 +837,6 @@ class _Run:
     eval_data: Any  # ... of the validation pairs, or None
     skip_schedules: list | None  # the schedules of `skip_aware`
     mesh: Any  # 1-D, axis "data"
-    local_rows: int  # the rows of each global batch this process feeds
     steps_per_epoch: int
     start: int  # the step restored (0 for a new run)
     stop: int  # the step this call trains to
@@ -841,12 +856,16 @@ class _Run:
         return max(self.stop, self.start)
 
     def to_device(self, batch: dict) -> dict:
-        """The global batch, each process contributing its rows (all of them with one process)."""
+        """The global batch, each process contributing its share of the rows (all of them with one
+        process; a joint schedule-aware batch has twice `batch_size` rows)."""
         import jax
 
-        rows = slice(jax.process_index() * self.local_rows, (jax.process_index() + 1) * self.local_rows)
-        return {k: jax.make_array_from_process_local_data(
-                    batch_sharding(self.mesh, k), v[:, rows] if k == "active" else v[rows], v.shape)
+        def local(key, v):
+            axis = 1 if key == "active" else 0
+            n = v.shape[axis] // jax.process_count()
+            return np.take(v, np.arange(jax.process_index() * n, (jax.process_index() + 1) * n), axis=axis)
+
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, k), local(k, v), v.shape)
                 for k, v in batch.items()}
 
     def evaluate(self) -> float:
@@ -933,7 +952,7 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
         write_json(out / RUN_FILE, record)
         _trim_log(out / LOG_FILE, start)
     return _Run(cfg=cfg, out=out, lead=lead, lm=lm, train_data=train_data, eval_data=eval_data,
-                skip_schedules=skip_schedules, mesh=mesh, local_rows=cfg.batch_size // jax.process_count(),
+                skip_schedules=skip_schedules, mesh=mesh,
                 steps_per_epoch=spe, start=start, stop=stop, manager=manager, schedule=schedule,
                 train_step=train_step, eval_step=eval_step, lora_scale=lora_cfg.scale, state=state, frozen=frozen,
                 record=record, summary=summary)
@@ -995,7 +1014,7 @@ def _loop(run: _Run) -> _StepLog:
     pending = None  # the previous step's metrics, read after the next step is dispatched
     try:
         for step, batch in _batches(run):
-            trained_under = _add_skip_schedule(run, batch, step)
+            batch, trained_under = _add_skip_schedule(run, batch, step)
             run.state, metrics = run.train_step(run.state, run.frozen, run.to_device(batch))
             done = step + 1
             if pending is not None:
@@ -1033,15 +1052,27 @@ def _batches(run: _Run):
         index += 1
 
 
-def _add_skip_schedule(run: _Run, batch: dict, step: int) -> str | None:
-    """With `skip_aware`: draws what batch `step` trains under, puts its layer mask in
-    `batch["active"]` and returns its spec ("vanilla": the full model); None without."""
+def _add_skip_schedule(run: _Run, batch: dict, step: int) -> tuple[dict, str | None]:
+    """With `skip_aware`: (the batch with the layer mask of what step `step` trains under in
+    `batch["active"]`, its spec: "vanilla" for the full model); (batch, None) without.
+
+    Joint: the rows twice, the full model's copy then the drawn schedule's, weighted
+    1 - P and P (`row_weight`, scaled by 2 so a row's tokens count once on average)."""
+    cfg, num_layers = run.cfg, run.lm.config.num_layers
     if run.skip_schedules is None:
-        return None
-    sched = draw_schedule(run.skip_schedules, run.cfg.skip_aware_prob, run.cfg.seed, step)
-    batch["active"] = skip_aware_active(None if sched is None else sched.mask, batch["loss_mask"],
-                                        run.lm.config.num_layers)
-    return "vanilla" if sched is None else sched.spec
+        return batch, None
+    if cfg.skip_aware_joint:
+        sched = draw_schedule(run.skip_schedules, 1.0, cfg.seed, step)
+        rows = len(batch["tokens"])
+        both = {k: np.concatenate([v, v]) for k, v in batch.items()}
+        both["active"] = np.concatenate([skip_aware_active(None, batch["loss_mask"], num_layers),
+                                         skip_aware_active(sched.mask, batch["loss_mask"], num_layers)], axis=1)
+        p = cfg.skip_aware_prob
+        both["row_weight"] = np.repeat(np.float32([2 * (1 - p), 2 * p]), rows)
+        return both, f"vanilla+{sched.spec}"
+    sched = draw_schedule(run.skip_schedules, cfg.skip_aware_prob, cfg.seed, step)
+    batch["active"] = skip_aware_active(None if sched is None else sched.mask, batch["loss_mask"], num_layers)
+    return batch, "vanilla" if sched is None else sched.spec
 
 
 class _StepLog:

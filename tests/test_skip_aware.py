@@ -15,7 +15,7 @@ import hsd_jax
 from hsd_jax import schedules
 from hsd_jax.errors import HsdError
 from hsd_jax.models import KVCache, decode_layout, decode_step, forward
-from hsd_jax.train import draw_schedule, skip_aware_active, skip_aware_schedules
+from hsd_jax.train import TrainConfig, draw_schedule, skip_aware_active, skip_aware_schedules
 from tests.test_train import COMMON, log_losses, pairs_file, run_cli, tiny  # noqa: F401 (fixtures)
 
 PROMPTS = [[5, 17, 3, 9], [22, 8, 40, 2, 11, 30, 7]]  # different lengths: per-row decode steps
@@ -161,9 +161,70 @@ def test_skip_aware_resume_is_exact_and_keeps_its_settings(skip_run, tiny, pairs
                           skip_aware=("hsd:s=1,min=0,max=2", "skipdecode:min=1,max=3"), skip_aware_prob=0.3))
 
 
+def test_a_joint_batch_weighs_the_full_model_and_the_schedule_by_p(model_dir):
+    """--skip-aware-joint: one step's loss is (1 - P) x the full model's mean token loss +
+    P x the drawn schedule's, each computed on its own, from one batch of twice the rows."""
+    import types
+
+    from hsd_jax.train import _add_skip_schedule, token_nll
+
+    lm = hsd_jax.load(model_dir, tokenizer=False)
+    config = lm.config
+    rows = skip_aware_schedules(["hsd:s=1,min=0,max=2,T=8"], config.num_layers, max_len=24)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, config.vocab_size, (3, 20)).astype(np.int32)
+    attention = np.ones_like(tokens, bool)
+    attention[1, 15:] = False  # a padded row
+    loss = attention.copy()
+    loss[:, :6] = False
+    batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+
+    def mean_loss(b):
+        total, count = token_nll(lm.params, config, {k: jnp.asarray(v) for k, v in b.items()})
+        return float(total / count)
+
+    for p in (0.5, 0.8):
+        cfg = TrainConfig(model="m", output="o", skip_aware=("x",), skip_aware_prob=p, skip_aware_joint=True, seed=4)
+        run = types.SimpleNamespace(cfg=cfg, skip_schedules=rows, lm=lm)
+        joint, trained_under = _add_skip_schedule(run, dict(batch), step=7)
+        assert trained_under == f"vanilla+{rows[0].spec}"
+        assert joint["tokens"].shape == (6, 20) and joint["active"].shape == (config.num_layers, 6, 20)
+        full = mean_loss({**batch, "active": skip_aware_active(None, loss, config.num_layers)})
+        skipped = mean_loss({**batch, "active": skip_aware_active(rows[0].mask, loss, config.num_layers)})
+        assert abs(full - skipped) > 1e-3, "the schedule must change the loss for the test to mean anything"
+        np.testing.assert_allclose(mean_loss(joint), (1 - p) * full + p * skipped, rtol=1e-5)
+
+
+def test_a_joint_run_trains_both_paths_each_step_and_resumes_exactly(tiny, pairs_file, tmp_path, capsys):
+    from hsd_jax.train import read_log
+
+    out = tmp_path / "joint"
+    args = ["--model", tiny, "--train-file", pairs_file, "--epochs", 1, "--devices", 1, *COMMON,
+            "--skip-aware", "hsd:s=1,min=0,max=2", "skipdecode:min=1,max=3", "--skip-aware-joint", "--output", out]
+    assert run_cli(*args, "--max-steps", 3) == 0
+    assert run_cli(*args, "--max-steps", 6, "--resume") == 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["skip_aware_joint"] is True and settings["skip_aware_prob"] == 0.5
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert all(r["schedule"].startswith("vanilla+") for r in log)
+    whole = tmp_path / "whole"
+    assert run_cli(*args[:-1], whole, "--max-steps", 6) == 0
+    cut, uncut = log_losses(out), log_losses(whole)
+    for step in range(4, 7):
+        assert abs(cut[step] - uncut[step]) <= 1e-5, (step, cut[step], uncut[step])
+    capsys.readouterr()
+    assert run_cli(*[a for a in args if a != "--skip-aware-joint"], "--max-steps", 8, "--resume") == 2
+    assert "skip_aware_joint: True then, None now" in capsys.readouterr().err  # a resume must repeat it
+
+
 def test_bad_skip_aware_settings_are_one_clear_error(tiny, pairs_file, tmp_path, capsys):
     base = ["--model", tiny, "--train-file", pairs_file, *COMMON, "--output", tmp_path / "x"]
     assert run_cli(*base, "--skip-aware", "hsd:s=1,min=0,max=2", "--skip-aware-prob", 0) == 2
     assert "--skip-aware-prob must be above 0" in capsys.readouterr().err
     assert run_cli(*base, "--skip-aware", "calm:lambda=0.1") == 2
     assert "CALM decides its exits at run time" in capsys.readouterr().err
+    assert run_cli(*base, "--skip-aware-joint") == 2
+    assert "--skip-aware-joint needs the schedules to train under" in capsys.readouterr().err
+    assert run_cli(*base, "--skip-aware", "hsd:s=1,min=0,max=2", "--skip-aware-joint", "--skip-aware-prob", 1) == 2
+    assert "would give the full model's copy no weight" in capsys.readouterr().err

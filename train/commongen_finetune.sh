@@ -4,21 +4,25 @@
 #
 #   train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware   # + --skip-aware ..., P = 0.5
 #   train/commongen_finetune.sh PLAIN_MODEL OUT plain        # the control
+#   train/commongen_finetune.sh PLAIN_MODEL OUT joint        # third try: both paths every batch
 #
 # PLAIN_MODEL is the reproduction's model (train/commongen_small.sh). Both runs: one more
 # epoch of CommonGen train, the same data order and seed, a learning rate ten times lower
 # than the first training's peak (1e-4, warm-up and cosine decay as usual), so the only
 # difference between them is the schedule drawn for half of the batches. ~20 min each on
-# 2 CPU cores. --resume continues an interrupted run.
+# 2 CPU cores. `joint` trains every batch twice, through every layer and under a drawn
+# schedule, the two losses weighted equally (--skip-aware-joint; twice the compute).
+# --resume continues an interrupted run.
 set -euo pipefail
-MODEL="$(realpath -m "${1:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain}")"
-OUT="$(realpath -m "${2:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain}")"
-KIND="${3:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain}"
+MODEL="$(realpath -m "${1:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain|joint}")"
+OUT="$(realpath -m "${2:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain|joint}")"
+KIND="${3:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain|joint}"
 shift 3
 case "$KIND" in
   skip-aware) SKIP=(--skip-aware paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --skip-aware-prob 0.5) ;;
+  joint) SKIP=(--skip-aware paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --skip-aware-joint) ;;
   plain) SKIP=() ;;
-  *) echo "train/commongen_finetune.sh: the third argument is skip-aware or plain, not '$KIND'" >&2; exit 2 ;;
+  *) echo "train/commongen_finetune.sh: the third argument is skip-aware, plain or joint, not '$KIND'" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 hsd-jax train \
