@@ -4,6 +4,8 @@ written row by row, resumable, and checked before anything is decoded."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 import time
 
 import pytest
@@ -186,3 +188,35 @@ def test_output_under_a_file_fails_before_loading(model, dev, tmp_path, capsys):
     blocker.write_text("x")
     assert run_eval(model, dev, blocker / "eval") == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_compare_runs_puts_every_run_side_by_side(tmp_path):
+    """eval/compare_runs.py: one table row per spec with each run's layers and R-L (share of
+    its own vanilla; a dash where a run lacks the row), and one plot."""
+    import runpy
+
+    def results(folder, rows):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"rows": [
+            {"spec": spec, "method": method, "avg_layers": layers, "R-L": rl} for spec, method, layers, rl in rows]}))
+        return str(folder)
+
+    plain = results(tmp_path / "plain", [("vanilla", "Vanilla", 12.0, 28.0), ("hsd:s=1", "HSD(s=1)", 6.0, 14.0)])
+    aware = results(tmp_path / "aware", [("vanilla", "Vanilla", 12.0, 27.0), ("hsd:s=1", "HSD(s=1)", 6.6, 24.3),
+                                         ("hsd:s=2", "HSD(s=2)", 4.8, 21.6)])
+    script = Path(__file__).resolve().parents[1] / "eval" / "compare_runs.py"
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), plain, aware, plain, "--labels", "plain", "schedule-aware", "again",
+                    "--output", str(tmp_path / "out")]
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+        assert done.value.code == 0
+    finally:
+        sys.argv = argv
+    table = (tmp_path / "out" / "comparison.md").read_text().splitlines()
+    assert table[0].count("Avg. Layer") == 3
+    assert table[3] == ("| `hsd:s=1` | 6.00 (50%) | 14.00 (50.0%) | 6.60 (55%) | 24.30 (90.0%) "
+                        "| 6.00 (50%) | 14.00 (50.0%) |")
+    assert table[4] == "| `hsd:s=2` | – | – | 4.80 (40%) | 21.60 (80.0%) | – | – |"
+    assert (tmp_path / "out" / "plain_vs_schedule_aware_vs_again.png").stat().st_size > 1000
