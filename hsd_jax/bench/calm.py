@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hsd_jax.bench.common import ARCHS, NOISY, Run, TimedLoops, _fmt, _short, random_model, weight_bytes
+from hsd_jax.bench.common import (ARCHS, NOISY, Run, TimedLoops, _fmt, _short, case_prompts, model_name, random_model,
+                                  weight_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,20 +45,9 @@ class CalmCase:
 
     @property
     def label(self) -> str:
-        name = self.model if self.model in ARCHS else os.path.basename(os.path.normpath(self.model))
         weights = "random weights" if self.model in ARCHS else "trained"
-        return (f"{name} ({weights}) {self.dtype} CALM, {self.num_prompts} prompts at batch "
+        return (f"{model_name(self.model)} ({weights}) {self.dtype} CALM, {self.num_prompts} prompts at batch "
                 f"{'/'.join(map(str, self.batches))}, new={self.new_tokens}")
-
-
-def _calm_prompts(case: CalmCase, lm) -> list[list[int]]:
-    if case.dataset is None or lm.tokenizer is None:
-        rng = np.random.default_rng(0)
-        return rng.integers(0, lm.config.vocab_size, (case.num_prompts, case.prompt_len)).tolist()
-    from hsd_jax.data import format_source, load_dataset_pairs
-
-    sources = list(dict.fromkeys(src for src, _ in load_dataset_pairs(case.dataset, case.split)))
-    return [lm.tokenizer.encode(format_source(src)) for src in sources[: case.num_prompts]]
 
 
 def calm_step_costs(gens, spec: str, sizes: dict[str, int], num_layers: int, max_new_tokens: int) -> tuple:
@@ -123,7 +113,7 @@ def run_calm_case(case: CalmCase, repeats: int, log: Callable[[str], None] = pri
     sizes = weight_bytes(lm)  # before generate puts the model in the decode layout
     record["weights"] = {**{f"{k}_bytes": v for k, v in sizes.items()}, "num_layers": L,
                          "head_over_layer": sizes["head"] / sizes["layer"]}
-    rows = _calm_prompts(case, lm)
+    rows = case_prompts(lm, case.model, case.dataset, case.split, case.num_prompts, case.prompt_len)
     eos = lm.config.eos_token_id
     log(f"{case.label}: {len(rows)} prompts from {case.dataset or 'random tokens'}, EOS {'on' if eos is not None else 'off'}")
 

@@ -7,6 +7,7 @@ table cells' formatting.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -224,6 +225,30 @@ class TimedLoops:
     def medians(self) -> dict:
         """Median milliseconds per call, of each key measured at least once."""
         return {key: statistics.median(v) for key, v in self.samples.items() if v}
+
+
+# --- the prompts of a case -------------------------------------------------------------
+
+
+def model_name(model: str) -> str:
+    """How a case's model is named in its title: an ARCHS key as it is, a folder by its name."""
+    return model if model in ARCHS else os.path.basename(os.path.normpath(model))
+
+
+def case_prompts(lm, model: str, dataset: str | None, split: str, num_prompts: int,
+                 random_len: int) -> list[list[int]]:
+    """Token rows of a case's prompts: the first `num_prompts` distinct sources of `dataset`
+    (a dataset name, or a pairs file where "{model}" stands for the model folder) as
+    training formats them; random rows of `random_len` tokens without a dataset or tokenizer."""
+    if dataset is None or lm.tokenizer is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, lm.config.vocab_size, (num_prompts, random_len)).tolist()
+    from hsd_jax.data import format_source, load_dataset_pairs, read_pairs
+
+    where = dataset.format(model=model)
+    pairs = read_pairs(where) if os.path.splitext(where)[1] else load_dataset_pairs(where, split)
+    sources = list(dict.fromkeys(src for src, _ in pairs))[:num_prompts]
+    return [lm.tokenizer.encode(format_source(src)) for src in sources]
 
 
 # --- table cells --------------------------------------------------------------------

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import statistics
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from hsd_jax.bench.common import ARCHS, NOISY, Run, TimedLoops, _fmt, _short, random_model
+from hsd_jax.bench.common import ARCHS, NOISY, Run, TimedLoops, _fmt, _short, case_prompts, model_name, random_model
 from hsd_jax.errors import HsdError
 
 
@@ -43,8 +42,7 @@ class SpeculativeCase:
 
     @property
     def label(self) -> str:
-        name = self.model if self.model in ARCHS else os.path.basename(os.path.normpath(self.model))
-        return f"{name} {self.dtype} speculative greedy batch={self.batch} new={self.new_tokens}"
+        return f"{model_name(self.model)} {self.dtype} speculative greedy batch={self.batch} new={self.new_tokens}"
 
 
 def _speculative_model(case: SpeculativeCase):
@@ -53,19 +51,6 @@ def _speculative_model(case: SpeculativeCase):
     import hsd_jax
 
     return hsd_jax.load(case.model, dtype=case.dtype)
-
-
-def _speculative_prompts(case: SpeculativeCase, lm) -> list[list[int]]:
-    """Token rows of the case's prompts (random 8-token rows without a dataset or tokenizer)."""
-    if case.dataset is None or lm.tokenizer is None:
-        rng = np.random.default_rng(0)
-        return rng.integers(0, lm.config.vocab_size, (case.num_prompts, 8)).tolist()
-    from hsd_jax.data import format_source, load_dataset_pairs, read_pairs
-
-    where = case.dataset.format(model=case.model)
-    pairs = read_pairs(where) if os.path.splitext(where)[1] else load_dataset_pairs(where, case.split)
-    sources = list(dict.fromkeys(src for src, _ in pairs))[: case.num_prompts]
-    return [lm.tokenizer.encode(format_source(src)) for src in sources]
 
 
 class StepCosts(TimedLoops):
@@ -152,7 +137,7 @@ def run_speculative_case(case: SpeculativeCase, repeats: int, log: Callable[[str
     record: dict[str, Any] = {"kind": "speculative", "case": dataclasses.asdict(case), "label": case.label,
                               "runs": [], "notes": []}
     lm = _speculative_model(case)
-    rows = _speculative_prompts(case, lm)
+    rows = case_prompts(lm, case.model, case.dataset, case.split, case.num_prompts, random_len=8)
     batches = [rows[i:i + case.batch] for i in range(0, len(rows) - case.batch + 1, case.batch)]
     if not batches:
         raise HsdError(f"{case.label}: {len(rows)} prompts make no batch of {case.batch}")
