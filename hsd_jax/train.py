@@ -175,6 +175,9 @@ class TrainConfig:
     skip_aware_joint: bool = setting(
         False, help="each batch trains both the full model and one drawn schedule (loss: (1 - P) x full + "
         "P x schedule; twice the compute per step) instead of one or the other", resume=True)
+    skip_aware_distill: float = setting(
+        0.0, help="joint training: the share of the schedule's loss that matches the full model's predicted "
+        "distribution instead of the reference token (distils the full model into the skipping path)", resume=True, metavar="D")
     resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
     devices: int | None = setting(None, help="use only the first N local devices (one process)", metavar="N",
                                   shown_default="all")
@@ -323,12 +326,17 @@ def _eval_pairs(cfg: TrainConfig):
 # ---------------------------------------------------------------- loss and step
 
 
-def token_nll(params, config, batch):
+def token_nll(params, config, batch, distill: float = 0.0):
     """(sum of target-token NLL, number of target tokens) of a batch.
 
     Position t predicts token t + 1, counted where `loss_mask[t + 1]`. An optional
     `batch["active"]` (L, B, T) bool runs layer l at (b, t) only where True; an optional
     `batch["row_weight"]` (B,) weighs each row's tokens (both sums).
+
+    `distill` > 0 reads the batch as a joint one (the full model's rows, then the same rows
+    under a schedule): the second half's loss is (1 - distill) x the reference token's NLL
+    + distill x the cross-entropy against the first half's predicted distribution, which
+    is held fixed (self-distillation: the skipping path learns what the full model says).
     """
     import jax.numpy as jnp
     import optax
@@ -338,6 +346,13 @@ def token_nll(params, config, batch):
     tokens = batch["tokens"]
     logits, _ = forward(params, config, tokens, batch["attention_mask"], active=batch.get("active"))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])  # (B, T-1)
+    if distill:
+        import jax
+
+        half = tokens.shape[0] // 2
+        teacher = jax.nn.softmax(jax.lax.stop_gradient(logits[:half, :-1]))
+        soft = optax.softmax_cross_entropy(logits[half:, :-1], teacher)
+        nll = jnp.concatenate([nll[:half], (1 - distill) * nll[half:] + distill * soft])
     weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
     if "row_weight" in batch:
         weight = weight * batch["row_weight"][:, None]
@@ -357,9 +372,9 @@ def _compute_params(trainable, frozen, mode: str, lora_scale: float, bf16: bool)
     return params
 
 
-def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh):
+def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh, distill: float = 0.0):
     """(train_step, eval_step), jitted: weights replicated over `mesh`, batches split on "data"
-    (data parallel: XLA all-reduces the gradients)."""
+    (data parallel: XLA all-reduces the gradients). `distill`: see `token_nll` (training only)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -369,7 +384,8 @@ def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh):
 
     def train_step(state, frozen, batch):
         def loss_of(trainable):
-            total, count = token_nll(_compute_params(trainable, frozen, mode, lora_scale, bf16), config, batch)
+            total, count = token_nll(_compute_params(trainable, frozen, mode, lora_scale, bf16), config, batch,
+                                     distill)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state["trainable"])
@@ -426,14 +442,15 @@ def warmup_length(total_steps: int, warmup_steps: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(config, optimizer: tuple, mode: str, lora_scale: float, bf16: bool, devices: tuple):
+def _compiled(config, optimizer: tuple, mode: str, lora_scale: float, bf16: bool, devices: tuple,
+              distill: float = 0.0):
     """(tx, schedule, train_step, eval_step), reused by runs with the same settings in one
     process (a resume, a test suite), so jit's compiled programs are reused too."""
     from jax.sharding import Mesh
 
     tx, schedule = make_optimizer(*optimizer)
     mesh = Mesh(np.array(devices), ("data",))
-    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh))
+    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh, distill))
 
 
 # ---------------------------------------------------------------- schedule-aware training
@@ -505,8 +522,9 @@ def _run_settings(cfg: TrainConfig) -> dict:
             settings[key] = str(Path(value).resolve())
     if settings["lora_targets"] is not None:
         settings["lora_targets"] = list(settings["lora_targets"])
-    if not settings["skip_aware_joint"]:
-        settings["skip_aware_joint"] = None  # recorded only when set, so runs from before the flag still resume
+    for key in ("skip_aware_joint", "skip_aware_distill"):
+        if not settings[key]:
+            settings[key] = None  # recorded only when set, so runs from before the flag still resume
     if settings["skip_aware"] is None:
         settings["skip_aware_prob"] = None  # meaningless without schedules (and absent from older runs)
     else:
@@ -552,6 +570,12 @@ def _check_config(cfg: TrainConfig) -> None:
                            "give a weight below 1, or drop --skip-aware-joint to train under schedules only")
     elif cfg.skip_aware_joint:
         raise HsdError("--skip-aware-joint needs the schedules to train under: add --skip-aware SPEC [SPEC ...]")
+    if not (math.isfinite(cfg.skip_aware_distill) and 0 <= cfg.skip_aware_distill <= 1):
+        raise HsdError(f"--skip-aware-distill must be from 0 to 1 (the share of the schedule's loss taken from "
+                       f"the full model's predictions), got {cfg.skip_aware_distill}")
+    if cfg.skip_aware_distill and not cfg.skip_aware_joint:
+        raise HsdError("--skip-aware-distill needs --skip-aware-joint: the full model's predictions come from "
+                       "the batch's full-model copy")
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise HsdError(f"--output {cfg.output} is a file; give a folder")
     check_output_dir(cfg.output)  # under a file, in /proc, not writable: before any work
@@ -934,7 +958,7 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
     lora_cfg = lora.LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets) if cfg.lora_targets else None)
     optimizer = (cfg.learning_rate, total, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
     tx, schedule, train_step, eval_step = _compiled(config, optimizer, cfg.mode, lora_cfg.scale, cfg.bf16,
-                                                    tuple(devices))
+                                                    tuple(devices), cfg.skip_aware_distill)
     state, frozen = _initial_state(cfg, lm, tx, lora_cfg, NamedSharding(mesh, P()))
     num_trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
     if start:

@@ -194,17 +194,40 @@ def test_a_joint_batch_weighs_the_full_model_and_the_schedule_by_p(model_dir):
         assert abs(full - skipped) > 1e-3, "the schedule must change the loss for the test to mean anything"
         np.testing.assert_allclose(mean_loss(joint), (1 - p) * full + p * skipped, rtol=1e-5)
 
+    # Self-distillation: the schedule's copy also learns the full model's distribution.
+    def logits_under(mask):
+        active = skip_aware_active(mask, loss, config.num_layers)
+        out, _ = forward(lm.params, config, jnp.asarray(tokens), jnp.asarray(attention), active=jnp.asarray(active))
+        return np.asarray(out[:, :-1], np.float64)
+
+    teacher, student = logits_under(None), logits_under(rows[0].mask)
+    probs = np.exp(teacher - teacher.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    log_student = student - student.max(-1, keepdims=True)
+    log_student -= np.log(np.exp(log_student).sum(-1, keepdims=True))
+    targets = loss[:, 1:]
+    soft = float((-(probs * log_student).sum(-1) * targets).sum() / targets.sum())
+    assert abs(soft - skipped) > 1e-3
+    from hsd_jax.train import token_nll as nll_of
+
+    for d in (0.3, 1.0):
+        total, count = nll_of(lm.params, config, {k: jnp.asarray(v) for k, v in joint.items()}, distill=d)
+        np.testing.assert_allclose(float(total / count), (1 - p) * full + p * ((1 - d) * skipped + d * soft),
+                                   rtol=1e-5)
+
 
 def test_a_joint_run_trains_both_paths_each_step_and_resumes_exactly(tiny, pairs_file, tmp_path, capsys):
     from hsd_jax.train import read_log
 
     out = tmp_path / "joint"
     args = ["--model", tiny, "--train-file", pairs_file, "--epochs", 1, "--devices", 1, *COMMON,
-            "--skip-aware", "hsd:s=1,min=0,max=2", "skipdecode:min=1,max=3", "--skip-aware-joint", "--output", out]
+            "--skip-aware", "hsd:s=1,min=0,max=2", "skipdecode:min=1,max=3", "--skip-aware-joint",
+            "--skip-aware-distill", 0.5, "--output", out]
     assert run_cli(*args, "--max-steps", 3) == 0
     assert run_cli(*args, "--max-steps", 6, "--resume") == 0
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["skip_aware_joint"] is True and settings["skip_aware_prob"] == 0.5
+    assert settings["skip_aware_distill"] == 0.5
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 7))
     assert all(r["schedule"].startswith("vanilla+") for r in log)
@@ -214,8 +237,8 @@ def test_a_joint_run_trains_both_paths_each_step_and_resumes_exactly(tiny, pairs
     for step in range(4, 7):
         assert abs(cut[step] - uncut[step]) <= 1e-5, (step, cut[step], uncut[step])
     capsys.readouterr()
-    assert run_cli(*[a for a in args if a != "--skip-aware-joint"], "--max-steps", 8, "--resume") == 2
-    assert "skip_aware_joint: True then, None now" in capsys.readouterr().err  # a resume must repeat it
+    assert run_cli(*args[:-4], "--skip-aware-distill", 0.25, "--output", out, "--max-steps", 8, "--resume") == 2
+    assert "skip_aware_distill: 0.5 then, 0.25 now" in capsys.readouterr().err  # a resume must repeat it
 
 
 def test_bad_skip_aware_settings_are_one_clear_error(tiny, pairs_file, tmp_path, capsys):
@@ -228,3 +251,7 @@ def test_bad_skip_aware_settings_are_one_clear_error(tiny, pairs_file, tmp_path,
     assert "--skip-aware-joint needs the schedules to train under" in capsys.readouterr().err
     assert run_cli(*base, "--skip-aware", "hsd:s=1,min=0,max=2", "--skip-aware-joint", "--skip-aware-prob", 1) == 2
     assert "would give the full model's copy no weight" in capsys.readouterr().err
+    assert run_cli(*base, "--skip-aware", "hsd:s=1,min=0,max=2", "--skip-aware-distill", 0.5) == 2
+    assert "--skip-aware-distill needs --skip-aware-joint" in capsys.readouterr().err
+    assert run_cli(*base, "--skip-aware", "hsd:s=1,min=0,max=2", "--skip-aware-joint", "--skip-aware-distill", 2) == 2
+    assert "--skip-aware-distill must be from 0 to 1" in capsys.readouterr().err
