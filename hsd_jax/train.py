@@ -177,7 +177,8 @@ class TrainConfig:
         "P x schedule; twice the compute per step) instead of one or the other", resume=True)
     skip_aware_distill: float = setting(
         0.0, help="joint training: the share of the schedule's loss that matches the full model's predicted "
-        "distribution instead of the reference token (distils the full model into the skipping path)", resume=True, metavar="D")
+        "distribution instead of the reference token (distils the full model into the skipping path)", resume=True,
+        metavar="D")
     resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
     devices: int | None = setting(None, help="use only the first N local devices (one process)", metavar="N",
                                   shown_default="all")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
 

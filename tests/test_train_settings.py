@@ -94,16 +94,16 @@ def test_every_flag_sets_its_field():
                 "--weight-decay", "0.01", "--warmup-steps", 6, "--max-grad-norm", "0.5", "--max-steps", 9,
                 "--max-length", 64, "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", " attn.c_attn, c_proj,",
                 "--seed", 11, "--bf16", "--skip-aware", "paper", "hsd:s=1,min=0,max=2", "--skip-aware-prob", "0.25",
-                "--skip-aware-joint", "--skip-aware-distill", "0.5", "--resume", "--devices", 1, "--log-every", 2, "--save-every", 10, "--keep-checkpoints", 3,
-                "--no-progress")
+                "--skip-aware-joint", "--skip-aware-distill", "0.5", "--resume", "--devices", 1, "--log-every", 2,
+                "--save-every", 10, "--keep-checkpoints", 3, "--no-progress")
     assert cfg == TrainConfig(
         model="random:gpt2", output="o", dataset="common_gen", split="validation", tokenizer="bpe:300",
         source_field="s", target_field="t", limit=5, eval_file="e.jsonl", eval_split="dev", eval_every=3,
         eval_limit=7, mode="lora", epochs=2, batch_size=4, learning_rate=1e-3, weight_decay=0.01, warmup_steps=6,
         max_grad_norm=0.5, max_steps=9, max_length=64, lora_rank=4, lora_alpha=8.0,
         lora_targets=("attn.c_attn", "c_proj"), seed=11, bf16=True, skip_aware=("paper", "hsd:s=1,min=0,max=2"),
-        skip_aware_prob=0.25, skip_aware_joint=True, skip_aware_distill=0.5, resume=True, devices=1, log_every=2, save_every=10, keep_checkpoints=3,
-        progress=False)
+        skip_aware_prob=0.25, skip_aware_joint=True, skip_aware_distill=0.5, resume=True, devices=1, log_every=2,
+        save_every=10, keep_checkpoints=3, progress=False)
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default}
     assert changed == {f.name for f in dataclasses.fields(TrainConfig)} - {"train_file"}  # the other of the pair
