@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 16's best recipe in one command: schedule-aware fine-tuning of the finished CommonGen
+# reproduction in four stages, each one run of train/commongen_finetune.sh from the stage
+# before (eval/results/commongen_finetune/README.md has what each stage measured):
+#
+#   1. both paths on every batch, the schedule's loss distilled from the full model's
+#      predictions, 2 epochs at 3e-4 (the schedules: the paper's SkipDecode and HSD rows and
+#      HSD s=2 at budgets (0, 2) and (0, 1));
+#   2. the same with the schedule's loss weighted 0.75, 1 epoch at 3e-4;
+#   3. stage 2 again at 1e-4;
+#   4. 1 epoch at 1e-4, weight 0.6, only the nested HSD s=2 schedules at the low budgets
+#      (0, 1), (0, 2) and (0, 4): what lifted HSD below 40% of the layers.
+#
+#   train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT          # the model: OUT/stage4
+#   train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT plain    # the control: same stages,
+#                                                                 # steps, data, seed, rates
+#
+# PLAIN_MODEL comes from train/commongen_small.sh. ~100 minutes on 2 CPU cores (the control
+# about half); running it again continues where it stopped (every stage passes --resume).
+set -euo pipefail
+USAGE="usage: train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT [plain]"
+MODEL="$(realpath -m "${1:?$USAGE}")"
+OUT="$(realpath -m "${2:?$USAGE}")"
+KIND="${3:-joint}"
+case "$KIND" in
+  joint|plain) ;;
+  *) echo "train/commongen_schedule_aware_ft.sh: the third argument is 'plain' or nothing, not '$KIND'" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
+# $1: stage, $2: its base model; the rest: this stage's flags (the schedule's flags only
+# when schedule-aware).
+stage() {
+  local name="$1" base="$2" common=() aware=()
+  shift 2
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do common+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  aware=("$@")
+  if [ "$KIND" = plain ]; then aware=(); fi
+  echo "== $name (from $base)" >&2
+  train/commongen_finetune.sh "$base" "$OUT/$name" "$KIND" "${common[@]}" ${aware[@]+"${aware[@]}"}
+}
+LOW=(hsd:s=2,min=0,max=1,T=72 hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=4,T=72)
+stage stage1 "$MODEL" --learning-rate 3e-4 --epochs 2 -- --skip-aware-distill 1.0
+stage stage2 "$OUT/stage1" --learning-rate 3e-4 -- --skip-aware-distill 1.0 --skip-aware-prob 0.75
+stage stage3 "$OUT/stage2" --learning-rate 1e-4 -- --skip-aware-distill 1.0 --skip-aware-prob 0.75
+stage stage4 "$OUT/stage3" --learning-rate 1e-4 -- --skip-aware "${LOW[@]}" --skip-aware-distill 1.0 \
+  --skip-aware-prob 0.6
+echo "model: $OUT/stage4" >&2
