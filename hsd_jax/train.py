@@ -752,31 +752,50 @@ def _failures_explained(out: Path, manager):
 
 
 @contextlib.contextmanager
-def _signals_deferred():
-    """Ctrl-C or SIGTERM inside the block takes effect when it ends. Orbax starts a save's
-    background threads inside `save`; interrupted half-way, it no longer tracks them, so
-    `wait_until_finished` returns while they still write, and they die at exit with a
-    traceback (and a torn checkpoint)."""
+def _signals_deferred(note: str | None = None):
+    """Ctrl-C or SIGTERM inside the block takes effect when it ends; the block gets the list
+    of the signals caught so far, to finish early. Orbax starts a save's background threads
+    inside `save`; interrupted half-way, it no longer tracks them, so `wait_until_finished`
+    returns while they still write, and they die at exit with a traceback (and a torn
+    checkpoint). With `note` (printed on the first signal), a second signal takes effect
+    at once: whoever presses Ctrl-C twice will not wait."""
     import signal
 
     caught = []
     previous = {}
+
+    def restore():
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def replay(signum):  # as the handler before ours would have taken it
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    def on_signal(signum, frame):
+        caught.append(signum)
+        if note is None:
+            return
+        if len(caught) == 1:
+            print(f"\n{note}", file=sys.stderr, flush=True)
+        else:
+            restore()
+            replay(signum)
+
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
+            previous[signum] = signal.signal(signum, on_signal)
     except ValueError:  # not the main thread: signals are not ours to handle
         pass
     try:
-        yield
+        yield caught
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if caught:  # the first signal, as its own handler would have taken it
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(caught[0])
+        restore()
+        if caught and previous:
+            replay(caught[0])
 
 
 def _disk_full(err: BaseException | None) -> OSError | None:
@@ -1031,32 +1050,47 @@ def _initial_state(cfg: TrainConfig, lm, tx, lora_cfg, replicated) -> tuple[dict
 
 def _loop(run: _Run) -> _StepLog:
     """Steps 5-6: one jitted step per batch from `run.start` to `run.stop`, each step logged;
-    the validation loss and a checkpoint when due, and both at the last step."""
+    the validation loss and a checkpoint when due, both at the last step, and a checkpoint
+    of the step reached when Ctrl-C or SIGTERM stops the run."""
+    import jax
     import orbax.checkpoint as ocp
 
     cfg = run.cfg
     log = _StepLog(run)
     pending = None  # the previous step's metrics, read after the next step is dispatched
+    # Ctrl-C / SIGTERM ends the run after the step in flight, with a checkpoint of it, so
+    # an interrupt loses no finished step. Not across processes: a save is collective, and
+    # a signal may reach only one of them.
+    stopping = (_signals_deferred("stopping after this step to save a checkpoint; Ctrl-C again stops at once")
+                if jax.process_count() == 1 else contextlib.nullcontext([]))
     try:
-        for step, batch in _batches(run):
-            batch, trained_under = _add_skip_schedule(run, batch, step)
-            run.state, metrics = run.train_step(run.state, run.frozen, run.to_device(batch))
-            done = step + 1
+        with stopping as interrupted:
+            for step, batch in _batches(run):
+                batch, trained_under = _add_skip_schedule(run, batch, step)
+                run.state, metrics = run.train_step(run.state, run.frozen, run.to_device(batch))
+                done = step + 1
+                if pending is not None:
+                    log.write(*pending)
+                pending = (done, metrics, int(batch["attention_mask"].sum()), trained_under)
+                due_eval = run.eval_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
+                                                          or done == run.stop)
+                due_save = done % cfg.save_every == 0 or done == run.stop
+                if due_eval or due_save:
+                    log.write(*pending, eval_loss=run.evaluate() if due_eval else None)  # the log never lags a checkpoint
+                    pending = None
+                stop = bool(interrupted)  # a signal after this read is the next step's to save
+                if due_save or stop:
+                    if pending is not None:
+                        log.write(*pending)
+                        pending = None
+                    with _signals_deferred():
+                        run.manager.save(done, args=ocp.args.StandardSave(run.state))
+                    stop = bool(interrupted)  # this step is saved, whenever the signal came
+                if stop:
+                    break
             if pending is not None:
                 log.write(*pending)
-            pending = (done, metrics, int(batch["attention_mask"].sum()), trained_under)
-            due_eval = run.eval_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
-                                                      or done == run.stop)
-            due_save = done % cfg.save_every == 0 or done == run.stop
-            if due_eval or due_save:
-                log.write(*pending, eval_loss=run.evaluate() if due_eval else None)  # the log never lags a checkpoint
-                pending = None
-            if due_save:
-                with _signals_deferred():
-                    run.manager.save(done, args=ocp.args.StandardSave(run.state))
-        if pending is not None:
-            log.write(*pending)
-        run.manager.wait_until_finished()
+            run.manager.wait_until_finished()
     finally:
         log.close()
     return log

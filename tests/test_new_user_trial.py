@@ -125,16 +125,29 @@ def test_sigterm_during_generate_keeps_the_rows_and_resume_finishes(model, tmp_p
     assert not out.exists()
 
 
-def test_sigterm_during_training_names_the_checkpoint_to_resume_from(model, tmp_path):
-    pairs = data.write_jsonl([(f"cat dog {i}", f"the cat sees dog {i}.") for i in range(400)], tmp_path / "p.jsonl")
+def test_sigterm_during_training_saves_the_step_it_reached_and_resume_continues_from_it(model, tmp_path):
+    pairs = data.write_jsonl([(f"cat dog {i}", f"the cat sees dog {i}.") for i in range(2000)], tmp_path / "p.jsonl")
     out = tmp_path / "run"
-    proc = spawn("train", "--model", model, "--train-file", pairs, "--output", out, "--batch-size", "4",
-                 "--epochs", "1", "--save-every", "2", "--no-progress", cwd=tmp_path)
-    wait_for(lambda: (out / "checkpoints" / "2").is_dir(), proc)
+    argv = ["train", "--model", model, "--train-file", pairs, "--output", out, "--batch-size", "2", "--epochs", "5",
+            "--save-every", "100000", "--log-every", "1", "--no-progress"]
+    proc = spawn(*argv, cwd=tmp_path)
+    log = out / "train_log.jsonl"
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and "last intact checkpoint is step" in err and "--resume" in err, err
+    # Before the fix every step since the last --save-every was lost: "no checkpoint was written yet".
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    reached = steps[-1]
+    assert steps == list(range(1, reached + 1)) and reached < 5000
+    assert "Traceback" not in err and f"last intact checkpoint is step {reached} " in err and "--resume" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [str(reached)]
+
+    proc = spawn(*argv, "--resume", "--max-steps", reached + 2, cwd=tmp_path)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert f"from step {reached}" in err
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, reached + 3))
 
 
 SIGTERM_INSIDE_A_SAVE = """
