@@ -787,7 +787,8 @@ def _signals_deferred(note: str | None = None):
 
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # (`cmd &` in a script ignores SIGINT)
+                previous[signum] = signal.signal(signum, on_signal)
     except ValueError:  # not the main thread: signals are not ours to handle
         pass
     try:
@@ -1091,6 +1092,8 @@ def _loop(run: _Run) -> _StepLog:
             if pending is not None:
                 log.write(*pending)
             run.manager.wait_until_finished()
+        if interrupted:  # the handler before ours returned: still, the run did not finish
+            raise KeyboardInterrupt
     finally:
         log.close()
     return log

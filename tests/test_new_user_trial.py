@@ -150,6 +150,24 @@ def test_sigterm_during_training_saves_the_step_it_reached_and_resume_continues_
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, reached + 3))
 
 
+def test_an_ignored_sigint_leaves_training_running(model, tmp_path):
+    # A script's `hsd-jax train ... &` starts with SIGINT ignored: stopping there (and
+    # exporting a model of half the steps as if finished) would be a surprise.
+    pairs = data.write_jsonl([(f"cat dog {i}", f"the cat sees dog {i}.") for i in range(200)], tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "hsd_jax.cli", "train", "--model", str(model), "--train-file",
+                             str(pairs), "--output", str(out), "--batch-size", "2", "--epochs", "1", "--log-every", "1",
+                             "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = out / "train_log.jsonl"
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == 100
+
+
 SIGTERM_INSIDE_A_SAVE = """
 import os, signal, sys
 import orbax.checkpoint as ocp
