@@ -795,8 +795,8 @@ def _signals_deferred(note: str | None = None):
         yield caught
     finally:
         restore()
-        if caught and previous:
-            replay(caught[0])
+    if caught and previous:  # the block ended normally: now the first signal takes effect
+        replay(caught[0])
 
 
 def _disk_full(err: BaseException | None) -> OSError | None:
