@@ -1076,14 +1076,12 @@ def _loop(run: _Run) -> _StepLog:
                 due_eval = run.eval_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
                                                           or done == run.stop)
                 due_save = done % cfg.save_every == 0 or done == run.stop
-                if due_eval or due_save:
-                    log.write(*pending, eval_loss=run.evaluate() if due_eval else None)  # the log never lags a checkpoint
-                    pending = None
+                eval_loss = run.evaluate() if due_eval else None
                 stop = bool(interrupted)  # a signal after this read is the next step's to save
+                if due_eval or due_save or stop:
+                    log.write(*pending, eval_loss=eval_loss)  # the log never lags a checkpoint
+                    pending = None
                 if due_save or stop:
-                    if pending is not None:
-                        log.write(*pending)
-                        pending = None
                     with _signals_deferred():
                         run.manager.save(done, args=ocp.args.StandardSave(run.state))
                     stop = bool(interrupted)  # this step is saved, whenever the signal came
