@@ -64,10 +64,10 @@ def one_line(capsys) -> str:
     return err
 
 
-def spawn(*argv, cwd: Path) -> subprocess.Popen:
+def spawn(*argv, cwd: Path, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "hsd_jax.cli", *map(str, argv)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
@@ -155,11 +155,9 @@ def test_an_ignored_sigint_leaves_training_running(model, tmp_path):
     # exporting a model of half the steps as if finished) would be a surprise.
     pairs = data.write_jsonl([(f"cat dog {i}", f"the cat sees dog {i}.") for i in range(200)], tmp_path / "p.jsonl")
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "hsd_jax.cli", "train", "--model", str(model), "--train-file",
-                             str(pairs), "--output", str(out), "--batch-size", "2", "--epochs", "1", "--log-every", "1",
-                             "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = spawn("train", "--model", model, "--train-file", pairs, "--output", out, "--batch-size", "2",
+                 "--epochs", "1", "--log-every", "1", "--no-progress", cwd=tmp_path,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = out / "train_log.jsonl"
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGINT)
