@@ -202,6 +202,8 @@ class DatasetSpec:
     target_field: str
     config: str | None = None
     local: Callable[[Path, str], list[Pair] | None] | None = None  # reader for the shared data folder
+    # reader of a split whose references are withheld (a test split): its sources only
+    local_sources: Callable[[Path, str], list[str] | None] | None = None
 
 
 def _commongen_local(root: Path, split: str) -> list[Pair] | None:
@@ -215,6 +217,16 @@ def _commongen_local(root: Path, split: str) -> list[Pair] | None:
     if len(sources) != len(targets):
         raise HsdError(f"{src} and {tgt} should align line by line but have {len(sources)} and {len(targets)} lines")
     return list(zip(sources, targets))
+
+
+def _commongen_local_sources(root: Path, split: str) -> list[str] | None:
+    """CommonGen's test concept sets, in the published order: `{"concept_set": "dog_N#throw_V"}`
+    becomes "dog throw", the form of the training sources (words without their part of speech)."""
+    path = root / "commongen" / f"commongen.{split}.inputs.jsonl"
+    if split != "test" or not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return [" ".join(word.rsplit("_", 1)[0] for word in row["concept_set"].split("#")) for row in rows]
 
 
 def _e2e_local(root: Path, split: str) -> list[Pair] | None:
@@ -243,7 +255,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "cnn_dailymail": DatasetSpec("abisee/cnn_dailymail", "article", "highlights", config="3.0.0"),
     "xsum": DatasetSpec("EdinburghNLP/xsum", "document", "summary"),
     "e2e_nlg": DatasetSpec("tuetschek/e2e_nlg", "meaning_representation", "human_reference", local=_e2e_local),
-    "common_gen": DatasetSpec("allenai/common_gen", "concepts", "target", local=_commongen_local),
+    "common_gen": DatasetSpec("allenai/common_gen", "concepts", "target", local=_commongen_local,
+                              local_sources=_commongen_local_sources),
     "healthcaremagic": DatasetSpec("lavita/ChatDoctor-HealthCareMagic-100k", "input", "output"),
 }
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
@@ -271,6 +284,47 @@ def load_dataset_pairs(name: str, split: str = "train") -> list[Pair]:
             return pairs
     rows = _hub_rows(spec, split, _offline_fix(spec, root))
     return _pairs_from_rows(rows, spec.source_field, spec.target_field, f"{spec.hub_id} ({split})")
+
+
+def load_dataset_sources(name: str, split: str = "test") -> list[str]:
+    """The sources of a named dataset's split, in order, repeats kept: for decoding a split
+    whose references are withheld (`hsd-jax eval --blind`). From the shared data folder
+    if it has them, else the hub's rows (whose targets, empty on a test split, are ignored)."""
+    if name not in DATASETS:
+        raise HsdError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. "
+                       "For other data pass --eval-file FILE.jsonl|.csv with --source-field")
+    spec = DATASETS[name]
+    split = _SPLIT_ALIASES.get(split, split)
+    root = shared_data_dir()
+    if root is not None:
+        if spec.local_sources is not None and (sources := spec.local_sources(root, split)) is not None:
+            return sources
+        if spec.local is not None and (pairs := spec.local(root, split)) is not None:
+            return list(dict.fromkeys(source for source, _ in pairs))
+    rows = _hub_rows(spec, split, _offline_fix(spec, root))
+    return _sources_from_rows(rows, spec.source_field, f"{spec.hub_id} ({split})")
+
+
+def read_sources(path: str | os.PathLike, source_field: str | None = None) -> list[str]:
+    """The source field of every row of a local data file, in order (no target needed)."""
+    path = Path(path)
+    rows = _read_rows(path)
+    return _sources_from_rows(rows, source_field or DEFAULT_SOURCE_FIELD, str(path))
+
+
+def _sources_from_rows(rows, source_field: str, what: str) -> list[str]:
+    sources = []
+    for i, row in enumerate(rows):
+        if source_field not in row:
+            raise HsdError(f"row {i + 1} of {what} has no field {source_field!r}; its fields are "
+                           f"{', '.join(map(str, row)) or '(none)'}; pass --source-field")
+        source = _text(row[source_field], source_field, f"row {i + 1} of {what}")
+        if not source.strip():  # one prediction per row: an empty source cannot be skipped silently
+            raise HsdError(f"row {i + 1} of {what} has an empty {source_field!r}")
+        sources.append(source)
+    if not sources:
+        raise HsdError(f"{what} holds no rows")
+    return sources
 
 
 def _offline_fix(spec: DatasetSpec, root: Path | None) -> str:
@@ -340,8 +394,12 @@ def _pairs_from_rows(rows, source_field: str, target_field: str, what: str) -> l
 def read_pairs(path: str | os.PathLike, source_field: str | None = None, target_field: str | None = None) -> list[Pair]:
     """Pairs from a local .jsonl / .json / .csv / .tsv file (fields default to source/target)."""
     path = Path(path)
-    source_field = source_field or DEFAULT_SOURCE_FIELD
-    target_field = target_field or DEFAULT_TARGET_FIELD
+    return _pairs_from_rows(_read_rows(path), source_field or DEFAULT_SOURCE_FIELD,
+                            target_field or DEFAULT_TARGET_FIELD, str(path))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a local .jsonl / .json / .csv / .tsv file, as dicts."""
     text = _read_text(path)
     if not text.strip():
         raise HsdError(f"data file {path} is empty")
@@ -374,7 +432,7 @@ def read_pairs(path: str | os.PathLike, source_field: str | None = None, target_
         raise HsdError(f"data file {path} holds no rows")
     if not all(isinstance(r, dict) for r in rows):
         raise HsdError(f"{path} should hold one JSON object per row")
-    return _pairs_from_rows(rows, source_field, target_field, str(path))
+    return rows
 
 
 def _read_text(path: Path) -> str:

@@ -8,7 +8,9 @@ BERTScore and speed; `markdown_table` prints them like the paper's tables and
 schedule and the BERTScore backbone before decoding anything, then writes each row's
 predictions and scores (and the table, plot and results.json so far) as soon as the
 row exists, so an interrupted evaluation keeps its finished rows and `resume=True`
-continues it.
+continues it. Without references (`references=None`, a test split whose references are
+withheld) it is *blind*: the same decoding, predictions and resume, but no scores; the
+rows (Avg. Layer, tokens/s, predictions file) go to manifest.json, for scoring elsewhere.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from hsd_jax.schedules import expand_groups, resolve
 
 METRICS = ("R-1", "R-2", "R-L", "BLEU-1", "BERTScore")
 RESULTS, TABLE, PLOT, PREDICTIONS = "results.json", "table.md", "quality_vs_layers.png", "predictions"
+MANIFEST = "manifest.json"  # a blind evaluation's rows, in place of results.json
 
 
 @dataclasses.dataclass
@@ -40,7 +43,7 @@ class EvalResult:
     method: str  # display name, e.g. "HSD(s=1, 0-20)"
     spec: str  # canonical schedule spec
     avg_layers: float
-    scores: dict[str, float]  # keys from METRICS (BERTScore may be absent)
+    scores: dict[str, float]  # keys from METRICS (BERTScore may be absent; none when blind)
     tokens_per_second: float
     predictions: list[str]
 
@@ -84,7 +87,7 @@ def resolve_all(lm: LanguageModel, schedules: Sequence, max_new_tokens: int) -> 
 def iter_evaluate(
     lm: LanguageModel,
     sources: Sequence[str],
-    references: Sequence[Sequence[str]],
+    references: Sequence[Sequence[str]] | None,
     schedules: Sequence,
     *,
     num_beams: int = 4,
@@ -95,7 +98,8 @@ def iter_evaluate(
     devices: int | None = None,
     split_processes: bool = False,
 ) -> Iterator[EvalResult]:
-    """Decodes `sources` (as training prompts) under each schedule and yields its scores.
+    """Decodes `sources` (as training prompts) under each schedule and yields its scores
+    (none when `references` is None: a blind run).
 
     All schedules are checked before the first is decoded; BERTScore is scored when a
     `bertscorer` is given. `batch_size` is sources per device, `devices` and
@@ -104,7 +108,7 @@ def iter_evaluate(
     """
     if lm.tokenizer is None:
         raise HsdError("evaluation needs the model's tokenizer; load a folder with tokenizer files")
-    if len(sources) != len(references):
+    if references is not None and len(sources) != len(references):
         raise HsdError(f"{len(sources)} sources but {len(references)} reference lists")
     if not sources:
         raise HsdError("nothing to evaluate: the dataset is empty")
@@ -121,7 +125,7 @@ def iter_evaluate(
         if out is None:  # another process's share, decoded for process 0
             continue
         texts = [t.strip() for t in out.texts]
-        scores = all_metrics(texts, references, bertscorer=bertscorer)
+        scores = {} if references is None else all_metrics(texts, references, bertscorer=bertscorer)
         yield EvalResult(method=sched.name, spec=sched.spec, avg_layers=out.avg_layers, scores=scores,
                          tokens_per_second=out.tokens_per_second, predictions=texts)
 
@@ -135,15 +139,16 @@ def evaluate(lm: LanguageModel, sources: Sequence[str], references: Sequence[Seq
 # ---------------------------------------------------------------- a results folder
 
 
-def data_fingerprint(sources: Sequence[str], references: Sequence[Sequence[str]]) -> str:
+def data_fingerprint(sources: Sequence[str], references: Sequence[Sequence[str]] | None) -> str:
     """A hash of the sources and references: a resumed evaluation must score the same data."""
-    return hashlib.sha256(json.dumps([list(sources), [list(r) for r in references]]).encode()).hexdigest()[:16]
+    data = [list(sources)] if references is None else [list(sources), [list(r) for r in references]]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
 def evaluate_to_folder(
     lm: LanguageModel,
     sources: Sequence[str],
-    references: Sequence[Sequence[str]],
+    references: Sequence[Sequence[str]] | None,
     schedules: Sequence,
     output: str | Path,
     *,
@@ -171,21 +176,27 @@ def evaluate_to_folder(
     `predictions_only=True` keeps the dataset's text out of the predictions files (see
     `prediction_rows`), for results published apart from the data.
 
+    `references=None` makes the run blind (see the module doc): manifest.json in place of
+    results.json, the table without scores and no plot; predictions files as with
+    `predictions_only`.
+
     `devices` and `split_processes` as in `iter_evaluate`. Split over several processes,
     process 0 alone reads and writes `output` (and needs the `bertscorer`); the others
     decode their share of each row and return [].
     """
     out = Path(output)
+    blind = references is None
     resolved = resolve_all(lm, schedules, max_new_tokens)  # fail on a bad spec before anything is written
     record = {"settings": {**settings, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
                            "batch_size": batch_size, "mode": mode,
                            "bertscore": None if bertscorer is None else bertscorer.description},
-              "data_fingerprint": data_fingerprint(sources, references), "num_sources": len(sources)}
+              "data_fingerprint": data_fingerprint(sources, references), "num_sources": len(sources),
+              "blind": blind}
     done: dict[str, EvalResult] = {}
 
     def plan() -> list[str]:
         """The specs still to decode (process 0's decision: it reads what an earlier run left)."""
-        if metric not in METRICS or (metric == "BERTScore" and bertscorer is None):
+        if not blind and (metric not in METRICS or (metric == "BERTScore" and bertscorer is None)):
             available = [m for m in METRICS if m != "BERTScore" or bertscorer is not None]
             raise HsdError(f"--metric {metric!r} is not among the scores computed ({', '.join(available)})")
         done.update(_previous_rows(out, record, resume, overwrite))
@@ -203,10 +214,16 @@ def evaluate_to_folder(
 
     def save() -> None:
         ordered = [results[s.spec] for s in resolved if s.spec in results]
-        write_json(out / RESULTS, {**record, "complete": len(ordered) == len(resolved),
-                                   "rows": [r.row() for r in ordered]})
+        complete = len(ordered) == len(resolved)
+        if blind:  # each row names its predictions file, relative to the manifest
+            rows = [{**r.row(), "predictions": _predictions_path(out, r.spec).relative_to(out).as_posix()}
+                    for r in ordered]
+            write_json(out / MANIFEST, {"model": settings.get("model"), **record, "complete": complete,
+                                        "rows": rows})
+        else:
+            write_json(out / RESULTS, {**record, "complete": complete, "rows": [r.row() for r in ordered]})
+            plot_quality_vs_layers(ordered, out / PLOT, metric=metric, title=title)
         write_text(out / TABLE, markdown_table(ordered, title))
-        plot_quality_vs_layers(ordered, out / PLOT, metric=metric, title=title)
 
     for sched in resolved:
         if sched.spec in done:
@@ -216,8 +233,9 @@ def evaluate_to_folder(
         print(f"resuming {out}: {len(results)} of {len(resolved)} rows done", flush=True)
     rows = iter_evaluate(lm, sources, references, todo, **options) if todo else []
     for result in rows:
-        write_jsonl(_predictions_path(out, result.spec), prediction_rows(sources, references, result.predictions,
-                                                                       with_data=not predictions_only))
+        write_jsonl(_predictions_path(out, result.spec),
+                    prediction_rows(sources, references, result.predictions,
+                                    with_data=not (predictions_only or blind)))
         results[result.spec] = result
         save()
     if not todo:
@@ -229,6 +247,8 @@ def prediction_rows(sources, references, predictions, *, with_data: bool = True)
     """The lines of a predictions file: each source, its prediction and its references; or,
     without the data, the source's position, a hash of its text (to align it with the
     dataset again) and the prediction."""
+    if references is None:
+        references = [[] for _ in sources]
     for i, (source, prediction, refs) in enumerate(zip(sources, predictions, references)):
         if with_data:
             yield {"source": source, "prediction": prediction, "references": list(refs)}
@@ -243,15 +263,20 @@ def _predictions_path(out: Path, spec: str) -> Path:
 
 def _previous_rows(out: Path, record: dict, resume: bool, overwrite: bool) -> dict[str, EvalResult]:
     """The finished rows an earlier evaluation in `out` left (spec -> result), after the checks."""
-    results_file = out / RESULTS
+    results_file = out / (MANIFEST if record["blind"] else RESULTS)
+    other = out / (RESULTS if record["blind"] else MANIFEST)
     if out.exists() and not out.is_dir():
         raise HsdError(f"--output {out} is a file; give a folder")
+    if overwrite:
+        _remove_results(out)
+        return {}
+    if other.exists():
+        kind = "a scored" if record["blind"] else "a blind"
+        raise HsdError(f"--output {out} holds {kind} evaluation ({other.name}); choose another folder, or "
+                       "pass --overwrite to replace it")
     if not results_file.exists():
         if resume:
             print(f"no earlier evaluation in {out}; starting a new one", flush=True)
-        return {}
-    if overwrite:
-        _remove_results(out)
         return {}
     if not resume:
         raise HsdError(f"--output {out} holds an earlier evaluation; pass --resume to continue it, "
@@ -281,7 +306,7 @@ def _previous_rows(out: Path, record: dict, resume: bool, overwrite: bool) -> di
 
 def _remove_results(out: Path) -> None:
     """Removes what an evaluation writes (and nothing else) from `out`."""
-    for name in (RESULTS, TABLE, PLOT):
+    for name in (RESULTS, MANIFEST, TABLE, PLOT):
         (out / name).unlink(missing_ok=True)
     if (out / PREDICTIONS).is_dir():
         for path in (out / PREDICTIONS).glob("*.jsonl"):

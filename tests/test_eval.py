@@ -220,3 +220,43 @@ def test_compare_runs_puts_every_run_side_by_side(tmp_path):
                         "| 6.00 (50%) | 14.00 (50.0%) |")
     assert table[4] == "| `hsd:s=2` | – | – | 4.80 (40%) | 21.60 (80.0%) | – | – |"
     assert (tmp_path / "out" / "plain_vs_schedule_aware_vs_again.png").stat().st_size > 1000
+
+
+def test_blind_eval_writes_a_manifest_and_one_prediction_per_input_row(model, tmp_path, capsys):
+    """A test split's references are withheld: every input row (repeats too) gets a prediction
+    in input order, the manifest names each row's predictions file, and nothing is scored."""
+    inputs = tmp_path / "test.inputs.jsonl"
+    sources = ["dog frisbee catch", "cat mat sit", "dog frisbee catch"]
+    inputs.write_text("".join(json.dumps({"source": s}) + "\n" for s in sources))  # no target field at all
+    out = tmp_path / "blind"
+    argv = ["eval", "--model", str(model), "--eval-file", str(inputs), "--blind", "--schedules", "vanilla",
+            "hsd:s=1,min=0,max=2", "--num-beams", "2", "--max-new-tokens", "6", "--batch-size", "2",
+            "--output", str(out)]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == str(model.resolve()) and manifest["complete"]
+    assert [sorted(r) for r in manifest["rows"]] == \
+        [["avg_layers", "method", "predictions", "spec", "tokens_per_second"]] * 2
+    assert not (out / "results.json").exists() and not (out / "quality_vs_layers.png").exists()
+    for row in manifest["rows"]:
+        lines = [json.loads(line) for line in (out / row["predictions"]).read_text().splitlines()]
+        assert [line["index"] for line in lines] == [0, 1, 2]
+        assert lines[0]["prediction"] == lines[2]["prediction"]  # the same input, decoded twice
+        assert "frisbee" not in (out / row["predictions"]).read_text()
+    assert "R-L" not in (out / "table.md").read_text()
+    # resumable like a scored run; a scored run into the same folder is refused
+    assert main([*argv, "--resume"]) == 0 and "2 of 2 rows done" in capsys.readouterr().out
+    scored = tmp_path / "dev.jsonl"
+    scored.write_text(json.dumps({"source": "cat mat sit", "target": "A cat."}) + "\n")
+    assert run_eval(model, scored, out, "--resume") == 2
+    assert "holds a blind evaluation (manifest.json)" in capsys.readouterr().err
+
+
+def test_commongen_test_inputs_become_training_style_sources(tmp_path, monkeypatch):
+    from hsd_jax import data
+
+    (tmp_path / "commongen").mkdir()
+    (tmp_path / "commongen" / "commongen.test.inputs.jsonl").write_text(
+        '{"concept_set": "drill_N#field_N#run_V#team_N"}\n{"concept_set": "catch_V#dog_N"}\n')
+    monkeypatch.setenv("HSD_DATA_DIR", str(tmp_path))
+    assert data.load_dataset_sources("common_gen", "test") == ["drill field run team", "catch dog"]

@@ -52,6 +52,11 @@ def register(subparsers) -> None:
     p.add_argument("--predictions-only", action="store_true",
                    help="predictions files hold each prediction with its source's index and a hash of its text, "
                    "but not the dataset's sources and references (for results shared without the data)")
+    p.add_argument("--blind", action="store_true",
+                   help="decode only, for a split whose references are withheld (e.g. --dataset common_gen "
+                   "--split test): writes manifest.json (each row's Avg. Layer, tokens/s and predictions file), "
+                   "table.md and predictions/ with each input's index, no scores; sources are not grouped, one "
+                   "prediction per input row in input order")
     p.add_argument("--output", type=Path, required=True, help="folder for results.json, table.md, plot, predictions")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -63,7 +68,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hsd_jax import distributed
-    from hsd_jax.evaluate import RESULTS
+    from hsd_jax.evaluate import MANIFEST, RESULTS
 
     if args.limit is not None and args.limit < 1:
         raise HsdError(f"--limit must be at least 1, got {args.limit}; leave it out to evaluate every source")
@@ -79,36 +84,41 @@ def run(args: argparse.Namespace) -> int:
         with distributed.together("eval"):  # a process that fails stops the others
             return _evaluate(args, lead)
     except KeyboardInterrupt:
-        where = f"{_rows_saved(args.output / RESULTS)} finished rows are saved in {args.output}" if lead \
+        where = f"{_rows_saved(args.output / (MANIFEST if args.blind else RESULTS))} finished rows are saved in {args.output}" if lead \
             else "process 0 keeps the finished rows"
         print(f"hsd-jax eval: interrupted; {where}; run the same command with --resume to continue", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk mid-run: the finished rows are safe, and --resume keeps them
         if isinstance(err, BrokenPipeError):
             raise
-        raise HsdError(f"{os_error_text(err)}; {_rows_saved(args.output / RESULTS)} finished rows are saved in "
+        raise HsdError(f"{os_error_text(err)}; {_rows_saved(args.output / (MANIFEST if args.blind else RESULTS))} finished rows are saved in "
                        f"{args.output}, and the same command with --resume continues") from err
 
 
 def _evaluate(args: argparse.Namespace, lead: bool) -> int:
     import hsd_jax
     from hsd_jax import data, distributed
-    from hsd_jax.evaluate import PLOT, RESULTS, TABLE, evaluate_to_folder, group_references, markdown_table
+    from hsd_jax.evaluate import (MANIFEST, PLOT, RESULTS, TABLE, evaluate_to_folder, group_references,
+                                  markdown_table)
     from hsd_jax.io import check_output_dir
     from hsd_jax.metrics import BertScorer
 
     distributed.lead_decides("eval-output", lambda: check_output_dir(args.output))
-    if args.dataset:
-        pairs = data.load_dataset_pairs(args.dataset, args.split)
-        name = f"{args.dataset}/{args.split}"
+    name = f"{args.dataset}/{args.split}" if args.dataset else args.eval_file.name
+    references = None
+    if args.blind:  # one prediction per input row, in order: repeats are not grouped
+        sources = data.load_dataset_sources(args.dataset, args.split) if args.dataset \
+            else data.read_sources(args.eval_file, args.source_field)
     else:
-        pairs = data.read_pairs(args.eval_file, args.source_field, args.target_field)
-        name = args.eval_file.name
-    sources, references = group_references(pairs)
+        pairs = data.load_dataset_pairs(args.dataset, args.split) if args.dataset \
+            else data.read_pairs(args.eval_file, args.source_field, args.target_field)
+        sources, references = group_references(pairs)
     if args.limit:
-        sources, references = sources[: args.limit], references[: args.limit]
+        sources = sources[: args.limit]
+        references = None if references is None else references[: args.limit]
     lm = hsd_jax.load(args.model, dtype=args.dtype, layout="decode")  # it only decodes: no stacked copy
-    scorer = None if args.no_bertscore or not lead else BertScorer(args.bertscore_model, args.bertscore_layers)
+    scorer = None if args.blind or args.no_bertscore or not lead \
+        else BertScorer(args.bertscore_model, args.bertscore_layers)
     title = f"{Path(str(args.model)).name} on {name} ({len(sources)} sources, beam {args.num_beams})"
     settings = {"model": _resolved(args.model), "dataset": name, "dtype": args.dtype}
     results = evaluate_to_folder(
@@ -120,7 +130,10 @@ def _evaluate(args: argparse.Namespace, lead: bool) -> int:
         return 0
     print(markdown_table(results, title))
     out = args.output
-    print(f"wrote {out / RESULTS}, {out / TABLE}, {out / PLOT} and {out / 'predictions'}/")
+    if args.blind:
+        print(f"wrote {out / MANIFEST}, {out / TABLE} and {out / 'predictions'}/ (no scores: blind)")
+    else:
+        print(f"wrote {out / RESULTS}, {out / TABLE}, {out / PLOT} and {out / 'predictions'}/")
     return 0
 
 
