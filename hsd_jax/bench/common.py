@@ -243,11 +243,13 @@ def case_prompts(lm, model: str, dataset: str | None, split: str, num_prompts: i
     if dataset is None or lm.tokenizer is None:
         rng = np.random.default_rng(0)
         return rng.integers(0, lm.config.vocab_size, (num_prompts, random_len)).tolist()
-    from hsd_jax.data import format_source, load_dataset_pairs, read_pairs
+    from hsd_jax.data import format_source, load_dataset_sources, read_pairs
 
     where = dataset.format(model=model)
-    pairs = read_pairs(where) if os.path.splitext(where)[1] else load_dataset_pairs(where, split)
-    sources = list(dict.fromkeys(src for src, _ in pairs))[:num_prompts]
+    # a named dataset's sources need no references: its test split serves as well as dev
+    sources = [src for src, _ in read_pairs(where)] if os.path.splitext(where)[1] \
+        else load_dataset_sources(where, split)
+    sources = list(dict.fromkeys(sources))[:num_prompts]
     return [lm.tokenizer.encode(format_source(src)) for src in sources]
 
 
