@@ -34,7 +34,7 @@ stage() {
   shift 2
   N=$((N + 1))
   echo "[$N/$STAGES] $name -> $model" >&2
-  "$@" > "$OUT/$name.log" 2>&1 || {
+  "$@" >> "$OUT/$name.log" 2>&1 || {
     echo "[$N/$STAGES] $name failed; its log: $OUT/$name.log (run the same command again to continue)" >&2
     tail -n 5 "$OUT/$name.log" >&2
     exit 1
