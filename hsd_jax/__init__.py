@@ -5,11 +5,11 @@
     out = hsd_jax.generate(lm, prompts=["Hello"], schedule="hsd:s=1,min=0,max=6")
 """
 
-from hsd_jax.checkpoint import LanguageModel, load, save_pretrained
+from hsd_jax.checkpoint import save_pretrained
 from hsd_jax.errors import HsdError
 from hsd_jax.generate import Generation, generate, generate_batched
 from hsd_jax.models import KVCache, ModelConfig
-from hsd_jax.models.modules import CausalLM, GPT2LMHeadModel, PhiForCausalLM
+from hsd_jax.models.modules import CausalLM, GPT2LMHeadModel, LanguageModel, PhiForCausalLM, load
 from hsd_jax.schedules import CalmConfig, Schedule, list_presets, schedule
 
 __all__ = [

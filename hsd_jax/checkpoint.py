@@ -1,9 +1,14 @@
-"""Hugging Face checkpoints <-> the NNX models (`hsd_jax.models.modules`).
+"""Hugging Face folders <-> config, weights and tokenizer: tensors in, tensors out.
 
-`load` reads a local folder or a hub id the way transformers does (config.json plus
-model.safetensors, sharded safetensors, or pytorch_model.bin); `save_pretrained`
-writes a folder that transformers loads back. The per-family name maps live in the
-families (`hsd_jax.models.family.Family`: `layer_weights`, `global_weights`, `transposed`).
+`read_pretrained` reads a local folder or a hub id the way transformers does (config.json
+plus model.safetensors, sharded safetensors, or pytorch_model.bin) into a `Pretrained`:
+the config, the parameter pytree and the tokenizer; `save_pretrained` writes a folder that
+transformers loads back. The per-family name maps live in the families
+(`hsd_jax.models.family.Family`: `layer_weights`, `global_weights`, `transposed`).
+
+This module knows nothing of the NNX classes: `hsd_jax.models.modules` turns what it reads
+into a model (`CausalLM.from_pretrained`, `hsd_jax.load`), and hands a model's config,
+weights and tokenizer back to `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +27,20 @@ from hsd_jax.errors import HsdError
 from hsd_jax.io import atomic_path, write_json
 from hsd_jax.models import FAMILIES, ModelConfig, family, stacked_layout
 from hsd_jax.models.common import ACTIVATIONS
-from hsd_jax.models.modules import CausalLM, model_class
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-# The model class every family's module derives from; the name hsd-jax used before its
-# models were NNX modules (it still builds a model of any family).
-LanguageModel = CausalLM
+class Pretrained(NamedTuple):
+    """What a Hugging Face folder holds, read (`read_pretrained`)."""
+
+    config: ModelConfig
+    params: Any  # the parameter pytree, in the layout asked for
+    tokenizer: Any  # a transformers tokenizer, or None
+    hf_config: dict  # config.json as read
+    source: str  # the folder or hub id it came from
 
 
 def _resolve_folder(model: str | os.PathLike) -> Path:
@@ -344,18 +354,11 @@ def tensors_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True,
-         layout: str = "stacked") -> LanguageModel:
-    """Loads a Hugging Face GPT-2 or Phi checkpoint (local folder or hub id).
-
-    `layout="decode"` loads the weights straight into the decode layout (for a model
-    that only decodes: no stacked copy is ever made, and the peak memory is the
-    weights plus one tensor); "stacked" suits training, and `generate` converts a
-    stacked model in place on first use (`CausalLM.to_layout`).
-
-    >>> lm = hsd_jax.load("gpt2")                      # doctest: +SKIP
-    >>> logits = lm.forward(ids, attention_mask=mask)  # doctest: +SKIP
-    """
+def read_pretrained(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True,
+                    layout: str = "stacked") -> Pretrained:
+    """Reads a Hugging Face GPT-2 or Phi checkpoint (local folder or hub id): its config,
+    its weights as the parameter pytree in `layout` (see `params_from_tensors`) and, with
+    `tokenizer`, its tokenizer (None when the folder has none). `hsd_jax.load` makes the model."""
     if dtype not in _DTYPES:
         raise HsdError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
     folder = _resolve_folder(model)
@@ -382,7 +385,7 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
     _check_layer_count(tensors, config, fam, config_path)
     params = params_from_tensors(tensors, config, _DTYPES[dtype], layout)
     del tensors
-    return model_class(config)(config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
+    return Pretrained(config=config, params=params, tokenizer=tok, hf_config=hf, source=str(model))
 
 
 _BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 BPE tokenizer without tokenizer.json needs both
@@ -421,8 +424,9 @@ def _check_tokenizer_json(path: Path) -> None:
         raise HsdError(f"{path} is not a tokenizer (a tokenizer.json holds a \"model\" object); {_TOKENIZER_FIX}")
 
 
-def save_pretrained(lm: LanguageModel, folder: str | os.PathLike) -> Path:
-    """Writes `lm` as a Hugging Face folder (config.json, model.safetensors, tokenizer).
+def save_pretrained(lm, folder: str | os.PathLike) -> Path:
+    """Writes the model `lm` (its `config`, `params` in either layout, `hf_config` and
+    `tokenizer`) as a Hugging Face folder (config.json, model.safetensors, tokenizer).
 
     Files are written to a temporary name and renamed, so a crash never leaves a
     half-written model.safetensors behind.

@@ -71,7 +71,7 @@ class DemoResult:
 def run_demo(output: str | Path, *, smoke: bool = False, seed: int = 0, overwrite: bool = False,
              progress: bool = True) -> DemoResult:
     """Runs the demo into `output` (data/, model/, eval/) and returns where things are."""
-    from hsd_jax.checkpoint import load
+    from hsd_jax.models.modules import load
     from hsd_jax.evaluate import evaluate_to_folder, group_references, markdown_table
     from hsd_jax.train import TrainConfig, train
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from hsd_jax import distributed
-from hsd_jax.checkpoint import LanguageModel
 from hsd_jax.data import encode_source
 from hsd_jax.errors import HsdError
 from hsd_jax.generate import generate_batched
 from hsd_jax.io import atomic_path, write_json, write_jsonl, write_text
 from hsd_jax.metrics import BertScorer, all_metrics
+from hsd_jax.models.modules import LanguageModel
 from hsd_jax.schedules import expand_groups, resolve
 
 METRICS = ("R-1", "R-2", "R-L", "BLEU-1", "BERTScore")

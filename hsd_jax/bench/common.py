@@ -61,8 +61,8 @@ def random_model(arch: str, dtype: str = "float32", seed: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from hsd_jax.checkpoint import LanguageModel
     from hsd_jax.models import init_params
+    from hsd_jax.models.modules import LanguageModel
 
     hf, config = model_config(arch)
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]

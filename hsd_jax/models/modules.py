@@ -15,6 +15,10 @@ The weights are kept in one of two layouts, and only one at a time (`layout`):
   CPU decode loop streams faster (`hsd_jax.models.decode_layout`). The decoder puts
   a model in this layout on its first use, replacing the stacked arrays (freed as
   they are converted, so a model never holds two copies of its weights).
+
+Loading and saving: `hsd_jax.checkpoint` reads a Hugging Face folder into a config, a
+parameter pytree and a tokenizer, and writes them back; the classes turn what it reads
+into a model (`from_pretrained`, `load`). The checkpoint code knows nothing of these classes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hsd_jax import checkpoint
 from hsd_jax.errors import HsdError
 from hsd_jax.models.common import ModelConfig
 
@@ -129,21 +134,20 @@ class CausalLM(nnx.Module):
     # ------------------------------------------------------------------ Hugging Face folders
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True):
-        """Loads a Hugging Face folder or hub id (as `hsd_jax.load`)."""
-        from hsd_jax.checkpoint import load
-
-        lm = load(model, dtype=dtype, tokenizer=tokenizer)
-        if cls.family_name is not None and lm.config.model_type != cls.family_name:
-            raise HsdError(f"{model} holds a {lm.config.model_type} model, not {cls.family_name}; "
-                           f"use {type(lm).__name__}.from_pretrained or hsd_jax.load")
-        return lm
+    def from_pretrained(cls, model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True,
+                        layout: str = "stacked") -> "CausalLM":
+        """Loads a Hugging Face folder or hub id (see `load`) as a model of its family."""
+        read = checkpoint.read_pretrained(model, dtype=dtype, tokenizer=tokenizer, layout=layout)
+        built = model_class(read.config)
+        if cls.family_name is not None and built is not cls:
+            raise HsdError(f"{model} holds a {read.config.model_type} model, not {cls.family_name}; "
+                           f"use {built.__name__}.from_pretrained or hsd_jax.load")
+        return built(read.config, params=read.params, tokenizer=read.tokenizer, hf_config=read.hf_config,
+                     source=read.source)
 
     def save_pretrained(self, folder: str | os.PathLike):
         """Writes a Hugging Face folder that transformers and `from_pretrained` read."""
-        from hsd_jax.checkpoint import save_pretrained
-
-        return save_pretrained(self, folder)
+        return checkpoint.save_pretrained(self, folder)
 
 
 class GPT2LMHeadModel(CausalLM):
@@ -161,8 +165,29 @@ class PhiForCausalLM(CausalLM):
 MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2LMHeadModel, "phi": PhiForCausalLM}
 
 
+# The model class every family's module derives from; the name hsd-jax used before its
+# models were NNX modules (it still builds a model of any family).
+LanguageModel = CausalLM
+
+
 def model_class(config: ModelConfig) -> type[CausalLM]:
     return MODEL_CLASSES.get(config.model_type, CausalLM)
+
+
+def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = True,
+         layout: str = "stacked") -> CausalLM:
+    """Loads a Hugging Face GPT-2 or Phi checkpoint (local folder or hub id) as the NNX
+    module of its family (`GPT2LMHeadModel`, `PhiForCausalLM`), with its tokenizer.
+
+    `layout="decode"` loads the weights straight into the decode layout (for a model
+    that only decodes: no stacked copy is ever made, and the peak memory is the
+    weights plus one tensor); "stacked" suits training, and `generate` converts a
+    stacked model in place on first use (`CausalLM.to_layout`).
+
+    >>> lm = hsd_jax.load("gpt2")                      # doctest: +SKIP
+    >>> logits = lm.forward(ids, attention_mask=mask)  # doctest: +SKIP
+    """
+    return CausalLM.from_pretrained(model, dtype=dtype, tokenizer=tokenizer, layout=layout)
 
 
 def _as_params(value):

@@ -1,6 +1,6 @@
 """The model a run trains, and its tokenizer.
 
-A Hugging Face folder or hub id (`hsd_jax.checkpoint.load`), or `random:<preset|config.json>`
+A Hugging Face folder or hub id (`hsd_jax.load`), or `random:<preset|config.json>`
 for weights drawn at random by the model family's initialiser (`random_gpt2`); the
 tokenizer is the model's, a given folder's, or `bpe:N`, a byte-level BPE learned on the
 training pairs (`_learned_tokenizer`).
@@ -35,8 +35,9 @@ def random_gpt2(spec: str, tokenizer, seed: int):
     none, or "phi") picks the family, whose `CONFIG_DEFAULTS` fill the keys it leaves out."""
     import jax
 
-    from hsd_jax.checkpoint import LanguageModel, _check_built_config, _check_config, _read_json
+    from hsd_jax.checkpoint import _check_built_config, _check_config, _read_json
     from hsd_jax.models import FAMILIES, init_params
+    from hsd_jax.models.modules import LanguageModel
 
     if spec in GPT2_PRESETS:
         overrides = {"model_type": "gpt2", **GPT2_PRESETS[spec]}
@@ -89,7 +90,8 @@ def _learned_tokenizer(spec: str, train_pairs):
 
 
 def _load_model(cfg: TrainConfig, train_pairs):
-    from hsd_jax.checkpoint import _load_tokenizer, _resolve_folder, load
+    from hsd_jax.checkpoint import _load_tokenizer, _resolve_folder
+    from hsd_jax.models.modules import load
 
     tokenizer = None
     if cfg.tokenizer and cfg.tokenizer.startswith(BPE_PREFIX):

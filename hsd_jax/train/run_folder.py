@@ -185,8 +185,9 @@ def _export(out: Path, lm, params, record: dict, step: int) -> None:
     """OUTPUT as a Hugging Face folder; run.json then records the step it holds, so a resume
     with nothing left to train leaves it alone (and one after a failed export writes it)."""
     from hsd_jax import checkpoint
+    from hsd_jax.models.modules import LanguageModel
 
-    model = checkpoint.LanguageModel(config=lm.config, params=params, tokenizer=lm.tokenizer, hf_config=lm.hf_config)
+    model = LanguageModel(config=lm.config, params=params, tokenizer=lm.tokenizer, hf_config=lm.hf_config)
     checkpoint.save_pretrained(model, out)
     write_json(out / RUN_FILE, {**record, "exported_step": step})
 
