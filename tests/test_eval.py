@@ -260,3 +260,25 @@ def test_commongen_test_inputs_become_training_style_sources(tmp_path, monkeypat
         '{"concept_set": "drill_N#field_N#run_V#team_N"}\n{"concept_set": "catch_V#dog_N"}\n')
     monkeypatch.setenv("HSD_DATA_DIR", str(tmp_path))
     assert data.load_dataset_sources("common_gen", "test") == ["drill field run team", "catch dog"]
+
+
+def test_a_blind_run_scored_later_matches_the_scored_run(model, dev, tmp_path):
+    """eval/score_blind.py turns a blind run into the scored run's results, once references exist."""
+    import importlib.util
+
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"source": s}) + "\n" for s in dict.fromkeys(s for s, _ in ROWS)))
+    blind, scored, rescored = tmp_path / "blind", tmp_path / "scored", tmp_path / "rescored"
+    schedules = ("vanilla", "hsd:s=1,min=0,max=2")
+    assert main(["eval", "--model", str(model), "--eval-file", str(inputs), "--blind", "--schedules", *schedules,
+                 "--num-beams", "2", "--max-new-tokens", "6", "--batch-size", "2", "--output", str(blind)]) == 0
+    assert run_eval(model, dev, scored, schedules=schedules) == 0
+    spec = importlib.util.spec_from_file_location("score_blind", Path(__file__).parents[1] / "eval/score_blind.py")
+    score_blind = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_blind)
+    assert score_blind.main([str(blind), "--eval-file", str(dev), "--output", str(rescored)]) == 0
+    want = json.loads((scored / "results.json").read_text())["rows"]
+    got = json.loads((rescored / "results.json").read_text())["rows"]
+    metrics = ("R-1", "R-2", "R-L", "BLEU-1")
+    assert [[r[m] for m in metrics] for r in got] == [[r[m] for m in metrics] for r in want]
+    assert (rescored / "quality_vs_layers.png").exists()
