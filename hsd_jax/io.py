@@ -1,7 +1,8 @@
 """Atomic file writes: a reader (or a crash) never sees half a file.
 
 Also the checks every command runs on its output paths before any work starts,
-so a bad path costs a one-line error, not a decoded file thrown away.
+so a bad path costs a one-line error, not a decoded file thrown away, and the lock
+(`output_lock`) that keeps a second run out of an output a live run writes.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import contextlib
 import glob
 import json
 import os
-import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -102,10 +103,13 @@ class JsonlAppender:
     """JSON lines added batch by batch to `<path>.partial`, renamed to `path` by `finish()`.
 
     So `path` only ever appears complete, and after each `append` the rows so far are
-    on disk. Each append writes a copy of the partial file plus the new rows and renames
-    it over the old one: at every moment (a reader, a crash, Ctrl-C) the file holds whole
-    lines only, so `--resume` never has a torn line to repair. The copy is small next to
-    the decoding of a batch.
+    on disk. The first append writes the partial file afresh (atomically: the rows an
+    earlier run left, then the new ones); each later one appends its rows to it, in one
+    write, and syncs them, so an append costs its own rows, not the whole file again.
+    An append that fails (a full disk, Ctrl-C) cuts the file back to the rows before it,
+    so the file holds whole lines only; the one thing that can leave a torn last line
+    is a crash inside the write (kill -9, power loss), and `read_jsonl_rows(...,
+    torn_tail=True)`, which `--resume` reads the partial file with, drops that line.
 
     `rows` are those an earlier run left (in the partial file or in `path`); the first
     append writes them afresh, replacing any partial file there was. `settings` (what
@@ -127,17 +131,30 @@ class JsonlAppender:
 
     def append(self, rows: Iterable[dict]) -> None:
         new = list(rows)
-        if not self.written and self.settings is not None:
-            write_json(settings_path(self.path), self.settings)
-        with atomic_path(self.partial) as tmp:
-            if self.written:
-                shutil.copyfile(self.partial, tmp)
-            with open(tmp, "a" if self.written else "w") as f:
-                lines = new if self.written else self._earlier + new
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in lines)
+        if not self.written:
+            if self.settings is not None:
+                write_json(settings_path(self.path), self.settings)
+            with atomic_path(self.partial) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(_jsonl_text(self._earlier + new))
                 f.flush()
                 os.fsync(f.fileno())  # the rename must not land before the rows do
-        self.written = True
+            self.written = True
+            self._earlier = []
+        elif new:
+            data = memoryview(_jsonl_text(new).encode("utf-8"))
+            fd = os.open(self.partial, os.O_WRONLY | os.O_APPEND)  # unbuffered: nothing is left to flush later
+            try:
+                end = os.fstat(fd).st_size
+                try:
+                    while data:
+                        data = data[os.write(fd, data):]
+                    os.fsync(fd)
+                except BaseException:  # a full disk, Ctrl-C: leave only the whole lines before this batch
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, end)
+                    raise
+            finally:
+                os.close(fd)
         self.count += len(new)
 
     def finish(self) -> Path:
@@ -149,11 +166,28 @@ class JsonlAppender:
         return self.path
 
 
-def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
-    """The rows of a JSON lines file that hsd-jax wrote (one object a line)."""
+def _jsonl_text(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def read_jsonl_rows(path: str | os.PathLike, torn_tail: bool = False) -> list[dict]:
+    """The rows of a JSON lines file that hsd-jax wrote (one object a line).
+
+    `torn_tail=True` drops a last line that has no newline and does not parse: what a
+    crash in the middle of a `JsonlAppender.append` leaves (the rows before it are whole).
+    """
     path = Path(path)
+    data = path.read_bytes()
+    if torn_tail and data and not data.endswith(b"\n"):  # the write that would have ended the line was cut
+        head, newline, last = data.rpartition(b"\n")
+        try:
+            whole = isinstance(json.loads(last.decode("utf-8")), dict)
+        except ValueError:  # UnicodeDecodeError too: the cut can fall inside a character
+            whole = False
+        if not whole:
+            data = head + newline
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -164,6 +198,88 @@ def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
             raise HsdError(f"{path}:{n} is not a JSON object; it was not written by hsd-jax")
         rows.append(row)
     return rows
+
+
+# --- one live run per output ----------------------------------------------------------------
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """Where `output_lock` keeps the lock of an output file: `<path>.lock` beside the file
+    a write to `path` lands in."""
+    path = _through_links(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(lock: str | os.PathLike, output: str | os.PathLike, *, what: str, flag: str = "--output",
+                keep: bool = False) -> Iterator[None]:
+    """Holds an OS lock (flock) on the file `lock` while the block runs, so that a second
+    run into `output` is refused, in one `HsdError` naming the process that holds it
+    ("--output X is in use by another `what` (process N)"), instead of mixing its writes
+    with this run's.
+
+    The OS drops the lock when its process dies (kill -9 too), so a crash leaves no stale
+    lock. At the end the lock file is removed (unless `keep`) while still held: a run that
+    opened it meanwhile sees that the file it locked is gone and takes the new one. The
+    folders made for the lock file are removed again when nothing else was put in them.
+    Without flock (Windows) the block runs unlocked; on a file system that refuses locks
+    (some NFS mounts) too, with a note on stderr.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = Path(lock)
+    made = []  # the folders this call creates, outermost first
+    for folder in reversed([lock.parent, *lock.parent.parents]):
+        if not folder.exists():
+            made.append(folder)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = None
+    try:
+        handle = _take_lock(fcntl, lock, output, what, flag)
+        yield
+    finally:
+        if handle is not None:
+            if not keep:
+                lock.unlink(missing_ok=True)
+            handle.close()  # releases the lock
+        for folder in reversed(made):
+            try:
+                folder.rmdir()  # only while empty
+            except OSError:
+                break
+
+
+def _take_lock(fcntl, lock: Path, output, what: str, flag: str):
+    """The open, locked lock file holding this process's id; None where locks are refused."""
+    for _ in range(100):  # a new try each time a holder removed the file as this one opened it
+        handle = open(lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise HsdError(f"{flag} {output} is in use by another {what} (process {holder}); wait for it to "
+                           f"end, or choose another {flag}") from None
+        except OSError as err:
+            handle.close()
+            print(f"note: cannot lock {lock} ({err.strerror or err}), so nothing stops a second run into {output}",
+                  file=sys.stderr)
+            return None
+        try:
+            ours = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")  # names the holder to a refused run
+            handle.flush()
+            return handle
+        handle.close()
+    raise HsdError(f"cannot take the lock {lock}: it is removed and made again as fast as it is opened")
 
 
 # --- output paths, checked before the work ------------------------------------------------

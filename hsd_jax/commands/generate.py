@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -141,8 +142,9 @@ def _prompt_of(item, field: str, where: str) -> str:
     if not isinstance(item, str):
         kind = "null" if item is None else type(item).__name__
         raise HsdError(f"{where}: the prompt is {kind}, not a string; every prompt must be text")
-    if not item:
-        raise HsdError(f"{where}: the prompt is empty; every prompt needs at least one token")
+    if not item.strip():
+        raise HsdError(f"{where}: the prompt is {'empty' if not item else 'only whitespace'}; every prompt "
+                       "needs text")
     return item
 
 
@@ -168,9 +170,11 @@ def _earlier_rows(args: argparse.Namespace, prompts: list[str]) -> list[dict]:
                            "or choose another --output")
         return []
     source = partial if _holds_rows(partial) else args.output
-    if not source.exists():
-        return []  # nothing to resume: start from the first prompt
-    rows = read_jsonl_rows(source)
+    if not source.exists():  # nothing to resume: start from the first prompt, and say so
+        print(f"no earlier run in {args.output} (nor {partial.name}); starting from the first prompt",
+              file=sys.stderr, flush=True)
+        return []
+    rows = read_jsonl_rows(source, torn_tail=source == partial)  # a crash inside a write can cut its last line
     fix = "choose another --output, or pass --overwrite instead of --resume to start over"
     before = read_settings(args.output) if source == partial else None  # a finished file keeps none
     changed = [k for k in before or {} if before[k] != _settings(args).get(k)]
@@ -239,7 +243,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def run(args: argparse.Namespace) -> int:
     from hsd_jax import distributed
-    from hsd_jax.io import JsonlAppender, check_output_file, partial_path, settings_path
+    from hsd_jax.io import JsonlAppender, check_output_file, lock_path, output_lock, partial_path, settings_path
 
     if (args.resume or args.overwrite) and not args.output:
         raise HsdError("--resume and --overwrite act on the rows in --output; give --output too")
@@ -249,8 +253,9 @@ def run(args: argparse.Namespace) -> int:
         raise HsdError(f"--devices must be at least 1, got {args.devices}; leave it out to use every device")
     if args.prompt:
         for n, prompt in enumerate(args.prompt, 1):  # counted from 1, as the user wrote them
-            if not prompt:
-                raise HsdError(f"--prompt number {n} of {len(args.prompt)} is empty; every prompt needs text")
+            if not prompt.strip():
+                raise HsdError(f"--prompt number {n} of {len(args.prompt)} is "
+                               f"{'empty' if not prompt else 'only whitespace'}; every prompt needs text")
     prompts = args.prompt if args.prompt else read_prompts(args.input_file, args.field)
     if args.seq2seq:
         from hsd_jax.data import format_source
@@ -261,24 +266,27 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt and not distributed.is_lead():
         return 0  # a handful of prompts is one batch: process 0 decodes it
     out = None
+    decoded = []  # the rows decoded so far (an interrupt message says whether there were any)
+    held = contextlib.ExitStack()  # the output's lock, held until the command ends
 
     def open_output() -> int:  # before the model loads: a bad path must not cost a decode
         nonlocal out
-        for path in (args.output, partial_path(args.output), settings_path(args.output)):
+        for path in (args.output, partial_path(args.output), settings_path(args.output), lock_path(args.output)):
             check_output_file(path, inputs=[args.input_file])
+        # Before the rows are read: a second run into this output is refused, not mixed with the first.
+        held.enter_context(output_lock(lock_path(args.output), args.output, what="generate run"))
         out = JsonlAppender(args.output, _earlier_rows(args, prompts), settings=_settings(args))
         return out.count
 
-    # Only process 0 reads and writes the output; the others learn where it left off.
-    done = distributed.lead_decides("generate-output", open_output) if args.output else 0
-
-    with warnings.catch_warnings():
+    with held, warnings.catch_warnings():
+        # Only process 0 reads and writes the output; the others learn where it left off.
+        done = distributed.lead_decides("generate-output", open_output) if args.output else 0
         warnings.showwarning = _show_warning
         try:
             with distributed.together("generate"):
-                return _decode(args, prompts, out, done)
+                return _decode(args, prompts, out, done, decoded)
         except KeyboardInterrupt:
-            text = _interrupted(out, len(prompts)) if distributed.is_lead() else \
+            text = _interrupted(out, len(prompts), len(decoded)) if distributed.is_lead() else \
                 f"interrupted (process {distributed.process_index()}); process 0 keeps the rows it has written"
             print(f"hsd-jax generate: {text}", file=sys.stderr)
             return INTERRUPTED
@@ -289,8 +297,9 @@ def run(args: argparse.Namespace) -> int:
             raise
 
 
-def _decode(args: argparse.Namespace, prompts: list[str], out, done: int) -> int:
-    """Decodes prompts[done:]; `out` is None without --output and on processes other than 0."""
+def _decode(args: argparse.Namespace, prompts: list[str], out, done: int, decoded: list) -> int:
+    """Decodes prompts[done:]; `out` is None without --output and on processes other than 0.
+    `decoded` gets the rows as they come."""
     import hsd_jax
     from hsd_jax import distributed
     from hsd_jax.generate import iter_batches
@@ -327,6 +336,7 @@ def _decode(args: argparse.Namespace, prompts: list[str], out, done: int) -> int
         if printing:
             printing = _print_rows(new, args.json, keep_going=out is not None)
         rows += new
+        decoded.extend(new)
         parts.append(g)
     if out is not None:
         out.finish()
@@ -364,8 +374,10 @@ def _safe_rows(out, total: int) -> str:
     return f"{out.count} of {total} rows are safe in {where}; rerun the same command with --resume to continue"
 
 
-def _interrupted(out, total: int) -> str:
+def _interrupted(out, total: int, decoded: int) -> str:
     if out is None:
+        if not decoded:
+            return "interrupted before any prompt was decoded; nothing was printed"
         return ("interrupted; the rows printed above are all there is (with --output FILE, rows are "
                 "saved as batches finish and --resume continues)")
     if out.count == 0:
