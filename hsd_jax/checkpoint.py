@@ -51,9 +51,12 @@ def _resolve_folder(model: str | os.PathLike) -> Path:
     if looks_local or path.exists():
         raise HsdError(f"model folder {str(model)!r} does not exist (or is not a folder); "
                        "pass a Hugging Face model folder or a hub id like 'gpt2'")
+    from hsd_jax import hub
+
     try:
         from huggingface_hub import snapshot_download
 
+        hub.configure()  # a hub that never answers fails after HF_HUB_DOWNLOAD_TIMEOUT s, not never
         # Like transformers: safetensors when the repo has them, else the PyTorch weights.
         common = ["*.json", "*.txt", "*.model", "vocab.*", "merges.txt"]
         folder = Path(snapshot_download(str(model), allow_patterns=common + ["*.safetensors"]))
@@ -61,9 +64,7 @@ def _resolve_folder(model: str | os.PathLike) -> Path:
             folder = Path(snapshot_download(str(model), allow_patterns=common + ["pytorch_model*.bin"]))
         return folder
     except Exception as err:  # noqa: BLE001 - hub errors come in many types
-        first_line = (str(err).splitlines() or [""])[0]  # hub errors add paragraphs of advice: one line here
-        raise HsdError(f"could not fetch {str(model)!r} from the Hugging Face hub ({type(err).__name__}: "
-                       f"{first_line}); check the id, your network, or pass a local folder") from err
+        raise hub.explain(err, repr(str(model)), "pass a local model folder") from err
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:

