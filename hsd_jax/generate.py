@@ -391,6 +391,11 @@ def _prompt_rows(lm: LanguageModel, input_ids, prompts, attention_mask=None) -> 
     if prompts is not None:
         if isinstance(prompts, str):
             prompts = [prompts]
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):  # e.g. token ids: the tokenizer's own error would not say so
+                kind = "token ids" if isinstance(p, (list, tuple, np.ndarray)) else type(p).__name__
+                raise HsdError(f"prompts takes strings, but prompt {i} is {kind} ({p!r:.40}); pass token "
+                               "lists as input_ids=[[...], ...] instead")
         if lm.tokenizer is None:
             raise HsdError(f"{lm.source or 'this model'} has no tokenizer; pass input_ids instead of prompts, "
                            "or load a folder with tokenizer files")

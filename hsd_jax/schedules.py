@@ -494,8 +494,14 @@ def _as_bool_mask(array, *, source: str) -> np.ndarray:
         raise HsdError(f"{source}: a schedule mask must be 2-D [steps, layers], got shape {array.shape}")
     if array.dtype == bool:
         return array
-    if np.issubdtype(array.dtype, np.integer) and np.isin(array, (0, 1)).all():
-        return array.astype(bool)
+    if np.issubdtype(array.dtype, np.integer):
+        if np.isin(array, (0, 1)).all():
+            return array.astype(bool)
+        wrong = ~np.isin(array, (0, 1))
+        step, layer = np.argwhere(wrong)[0]
+        values = ", ".join(map(str, sorted(set(array[wrong].tolist()))[:5]))
+        raise HsdError(f"{source}: a mask of integers must hold only 0 and 1, but it holds {values} (the first at "
+                       f"step {step}, layer {layer}); write 1 for a layer run and 0 for a layer skipped")
     raise HsdError(f"{source}: the mask must be boolean (or 0/1 integers), got dtype {array.dtype}; save it with .astype(bool)")
 
 

@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         layers = mask_layers if layers is None else layers
     if layers is None or steps is None:
         raise HsdError("give the model's number of layers and the decode steps, e.g. --layers 36 --steps 72")
+    for flag, value in (("--layers", layers), ("--steps", steps)):
+        if value < 1:  # named as the user wrote it, before schedules' own num_layers / max_new_tokens check
+            raise HsdError(f"{flag} must be at least 1, got {value}")
     if layers * steps > MAX_CELLS:
         raise HsdError(f"--layers {layers} x --steps {steps} is {layers * steps:,} cells, more than the "
                        f"{MAX_CELLS:,} a schedule is shown for; give the model's depth and a decode length")
