@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hsd_jax import bench
-from hsd_jax.bench_suites import CPU_TARGETS, SUITES
+from hsd_jax.bench.suites import CPU_TARGETS, SUITES
 from hsd_jax.cli import main
 from hsd_jax.errors import HsdError
 from hsd_jax.schedules import PROPAGATE, RUN, SKIP, resolve
@@ -181,9 +181,9 @@ def test_report_lines_and_target_checks():
 
 
 def test_suites_come_from_the_package_or_a_given_file(tmp_path):
-    from hsd_jax import bench_suites
+    from hsd_jax.bench import suites
 
-    assert bench.load_suites() == (bench_suites.SUITES, bench_suites.SCHEDULES)
+    assert bench.load_suites() == (suites.SUITES, suites.SCHEDULES)
     assert not (ROOT / "eval" / "bench_suites.py").exists()  # one copy, in the package
     own = tmp_path / "my_suites.py"
     own.write_text('SUITES = {"mine": {"models": ["tiny-phi"], "prompts": [4], "settings": [(1, 1)], '
@@ -193,7 +193,7 @@ def test_suites_come_from_the_package_or_a_given_file(tmp_path):
     (cases,) = [bench.build_cases(suites["mine"], schedules)]
     assert [(c.model, c.prompt_len) for c in cases] == [("tiny-phi", 4)]
     own.write_text("X = 1\n")
-    with pytest.raises(HsdError, match="defines no SUITES dict .*hsd_jax/bench_suites.py"):
+    with pytest.raises(HsdError, match="defines no SUITES dict .*hsd_jax/bench/suites.py"):
         bench.load_suites(own)
 
 
@@ -230,7 +230,7 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "hsd-jax = hsd_jax.cli:main" in zf.read(entry_points).decode()
         zf.extractall(tmp_path / "site")
-    assert "hsd_jax/bench_suites.py" in names and "hsd_jax/presets/hsd-s1-20.json" in names
+    assert "hsd_jax/bench/suites.py" in names and "hsd_jax/presets/hsd-s1-20.json" in names
     assert not any(n.startswith(("eval/", "tests/")) for n in names)
 
     elsewhere = tmp_path / "elsewhere"

@@ -15,9 +15,11 @@ One module per case kind, and what they share:
 - `suite`: `run_suite`, the targets, `load_suites` and `build_cases` (every kind's
   cases); its docstring defines the figures every result carries.
 - `report`: `format_table` and `print_table`.
+- `suites`: the suites themselves, as data (`SUITES`, `SCHEDULES`, the targets); a
+  `--suites-file` of the same form replaces them.
 
-The suites themselves are data in `hsd_jax.bench_suites`. Every name below is importable
-from `hsd_jax.bench`; JAX, PyTorch and transformers load only when a benchmark runs.
+Every name below is importable from `hsd_jax.bench`; JAX, PyTorch and transformers load
+only when a benchmark runs.
 """
 
 from __future__ import annotations

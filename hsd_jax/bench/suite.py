@@ -23,7 +23,7 @@ Definitions (docs/benchmarks.md restates them):
   device the case's batch (N x batch inputs per call, the same prompts N times); its
   speedup = its inputs per second / compiled vanilla's on one device.
 
-The suites (`hsd-jax bench --suite NAME`) are data in `hsd_jax.bench_suites`; a
+The suites (`hsd-jax bench --suite NAME`) are data in `hsd_jax.bench.suites`; a
 suite's targets are printed as figures against their target values, and the checks
 that must hold are tests (tests/test_bench.py), not verdicts of this package.
 """
@@ -71,7 +71,7 @@ def run_suite(cases: Sequence[Case], repeats: int, json_path=None, log: Callable
               suite: str = "custom", max_seconds: float | None = None, targets: Sequence[dict] = ()) -> dict:
     """Runs the cases in order, rewriting `json_path` (atomically) after each one.
 
-    `targets` (a suite's, see `hsd_jax.bench_suites`) are reported as figures against
+    `targets` (a suite's, see `hsd_jax.bench.suites`) are reported as figures against
     their target values under the result's "targets"."""
     from hsd_jax.io import write_json
 
@@ -103,12 +103,12 @@ _TARGET_KEYS = {"name", "case", "run", "value", "target", "unit", "over"}
 
 
 def check_targets(targets: Sequence[dict]) -> None:
-    """Each target has the form `hsd_jax.bench_suites` describes, or an HsdError says what is wrong."""
+    """Each target has the form `hsd_jax.bench.suites` describes, or an HsdError says what is wrong."""
     for i, t in enumerate(targets):
         what = f"target {i + 1} ({t.get('name', 'unnamed')!r})" if isinstance(t, dict) else f"target {i + 1}"
         if not isinstance(t, dict) or not {"name", "case", "run", "value", "target"} <= set(t) or set(t) - _TARGET_KEYS:
             raise HsdError(f"{what}: give name, case, run, value and target (and optionally over, unit), "
-                           "as in hsd_jax/bench_suites.py")
+                           "as in hsd_jax/bench/suites.py")
         pairs = [t["run"]] + ([t["over"]] if "over" in t else [])
         if not isinstance(t["case"], dict) or any(not isinstance(r, (list, tuple)) or len(r) != 2 for r in pairs):
             raise HsdError(f"{what}: case is a dict of case fields, run and over are (runner, schedule) pairs")
@@ -152,28 +152,28 @@ def target_figures(result: dict, targets: Sequence[dict]) -> list[dict]:
 
 
 def load_suites(path=None) -> tuple[dict, dict]:
-    """(SUITES, SCHEDULES): the package's (`hsd_jax.bench_suites`, installed with it), or
+    """(SUITES, SCHEDULES): the package's (`hsd_jax.bench.suites`, installed with it), or
     those of the Python file `path` that defines them in the same form."""
     import importlib.util
     from pathlib import Path
 
     if path is None:
-        from hsd_jax import bench_suites
+        from hsd_jax.bench import suites
 
-        return bench_suites.SUITES, bench_suites.SCHEDULES
+        return suites.SUITES, suites.SCHEDULES
     path = Path(path)
     if not path.is_file():
         raise HsdError(f"suites file {path} does not exist")
     spec = importlib.util.spec_from_file_location("hsd_jax_bench_suites", path)
     if spec is None:  # Python imports only .py files
-        raise HsdError(f"suites file {path} is not a Python file; give a .py file like hsd_jax/bench_suites.py")
+        raise HsdError(f"suites file {path} is not a Python file; give a .py file like hsd_jax/bench/suites.py")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
         raise HsdError(f"suites file {path}:{err.lineno}: {err.msg}") from None
     if not isinstance(getattr(module, "SUITES", None), dict):
-        raise HsdError(f"suites file {path} defines no SUITES dict (see hsd_jax/bench_suites.py for the form)")
+        raise HsdError(f"suites file {path} defines no SUITES dict (see hsd_jax/bench/suites.py for the form)")
     return module.SUITES, getattr(module, "SCHEDULES", {})
 
 
@@ -241,7 +241,7 @@ def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batc
 
 def build_speculative_cases(suite: dict, schedules: dict, *, models=None, batches=None, drafts=None, dtype=None,
                             new_tokens=None, dry_run=False) -> list[SpeculativeCase]:
-    """The cases of a speculative suite (`"kind": "speculative"` in `hsd_jax.bench_suites`): its
+    """The cases of a speculative suite (`"kind": "speculative"` in `hsd_jax.bench.suites`): its
     models (Hugging Face folders) x batch sizes, each timing vanilla against every draft x k.
     --dry-run swaps each model for tiny random GPT-2, its drafts for the tiny model's
     schedules and its prompts for a few random ones."""
@@ -270,7 +270,7 @@ def build_speculative_cases(suite: dict, schedules: dict, *, models=None, batche
 
 def build_calm_cases(suite: dict, *, models=None, batches=None, schedule_specs=None, dtype=None, new_tokens=None,
                      dry_run=False) -> list[CalmCase]:
-    """The cases of a CALM suite (`"kind": "calm"` in `hsd_jax.bench_suites`): each model of
+    """The cases of a CALM suite (`"kind": "calm"` in `hsd_jax.bench.suites`): each model of
     `models` (name -> its settings: schedules, dataset, new_tokens, prompt_len) at every
     batch size. --model takes the suite's settings for a model it names (and needs
     --schedules for another); --dry-run runs tiny random GPT-2 on two prompts."""

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hsd_jax.commands import DefaultsShown
 from hsd_jax.errors import HsdError
 
 
@@ -18,40 +19,40 @@ def register(subparsers) -> None:
         "SkipDecode and HSD with the measured speedup next to the ideal one (weight bytes read per token), "
         "against the memory roofline measured in the same run. Medians of --repeats rounds after a warm-up; "
         "compile time reported apart; EOS disabled, so every run makes exactly --new-tokens tokens. "
-        "Suites are defined in hsd_jax/bench_suites.py (installed with the package), with the targets the "
+        "Suites are defined in hsd_jax/bench/suites.py (installed with the package), with the targets the "
         "report prints figures against; docs/benchmarks.md explains every column.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
-    # An option left out takes the suite's value: its argparse default is None, which
-    # --help shows as "(default: None)", so each help says what None stands for.
+    # An option left out takes the suite's value: its argparse default is None, and its help
+    # says what that stands for, "(default: the suite's)" (`DefaultsShown`).
     p.add_argument("--suite", default="quick",
                    help="quick (GPT-2 small, prompt 32, batch 1, a few minutes on CPU), full, gpu, devices or devices-gpu "
                    "(1 against all local devices), speculative, calm (docs/benchmarks.md)")
     p.add_argument("--model", nargs="+", metavar="ARCH",
-                   help="architectures: gpt2, gpt2-medium, gpt2-large, phi-2 (tiny-gpt2, tiny-phi for tests), "
-                   "or None for the suite's")
+                   help="architectures: gpt2, gpt2-medium, gpt2-large, phi-2, or tiny-gpt2 and tiny-phi for tests "
+                   "(default: the suite's)")
     p.add_argument("--prompt", nargs="+", type=int, metavar="N",
-                   help="prompt lengths in tokens, or None for the suite's")
-    p.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes (inputs), or None for the suite's")
+                   help="prompt lengths in tokens (default: the suite's)")
+    p.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes, in inputs (default: the suite's)")
     p.add_argument("--beams", nargs="+", type=int, metavar="K",
-                   help="beam counts (1 = greedy), or None for the suite's")
+                   help="beam counts, 1 for greedy (default: the suite's)")
     p.add_argument("--schedules", nargs="*", metavar="SPEC",
-                   help="schedules to compare with vanilla (specs or presets), the flag alone for vanilla only, "
-                   "or None for the suite's")
+                   help="schedules to compare with vanilla, as specs or presets; the flag alone for vanilla only "
+                   "(default: the suite's)")
     p.add_argument("--runners", nargs="+", choices=["transformers", "eager", "compiled", "static", "devices"],
-                   help="what vanilla runs under (schedules run under compiled and static; devices: compiled on "
-                   "every local device, each the case's batch, against one device), or None for the suite's")
-    p.add_argument("--repeats", type=int, help="timed rounds per case, or None for the suite's (3 if it sets none)")
+                   help="what vanilla runs under; schedules run under compiled and static, and devices runs compiled "
+                   "on every local device, each the case's batch, against one device (default: the suite's)")
+    p.add_argument("--repeats", type=int, help="timed rounds per case (default: the suite's, or 3)")
     p.add_argument("--new-tokens", type=int,
-                   help="tokens generated per input, or None for the suite's (64 if it sets none)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype, or None for the suite's")
+                   help="tokens generated per input (default: the suite's, or 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: the suite's)")
     p.add_argument("--json", type=Path, metavar="PATH",
-                   help="where to write the results, atomically, after every case, or None for runs/bench/SUITE.json")
+                   help="where to write the results, atomically, after every case (default: runs/bench/SUITE.json)")
     p.add_argument("--suites-file", type=Path, metavar="PY",
-                   help="a Python file defining SUITES (and SCHEDULES) in the form of hsd_jax/bench_suites.py, "
-                   "or None for the package's suites")
+                   help="a Python file defining SUITES (and SCHEDULES) in the form of hsd_jax/bench/suites.py "
+                   "(default: the package's suites)")
     p.add_argument("--max-seconds", type=float,
-                   help="skip the cases that would start after this many seconds, or None for no limit")
+                   help="skip the cases that would start after this many seconds (default: no limit)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models of the same families and 1 repeat: checks that a suite runs, in seconds")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
