@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from hsd_jax.commands import DefaultsShown
 from hsd_jax.errors import HsdError
 from hsd_jax.io import atomic_path, check_output_file
 
@@ -23,15 +24,15 @@ def register(subparsers) -> None:
         description="Print which layers each decode step runs, the nominal average layers, "
         "whether the schedule is nested and how many KV cache cells need state propagation. "
         "SPEC is e.g. 'hsd:s=1,min=0,max=20', a preset name (see --list) or a .npy mask.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument("spec", nargs="?", metavar="SPEC", help="schedule spec, preset name or mask file; 'list' lists the presets")
-    parser.add_argument("--layers", type=int, metavar="L", help="number of transformer layers of the model "
-                        "(36 for GPT-2 large, 32 for Phi-2), or None for a mask file's column count")
-    parser.add_argument("--steps", type=int, metavar="T", help="number of decode steps (max new tokens), "
-                        "or None for a mask file's row count")
+    parser.add_argument("--layers", type=int, metavar="L", help="number of transformer layers of the model, "
+                        "e.g. 36 for GPT-2 large, 32 for Phi-2 (default: a mask file's column count)")
+    parser.add_argument("--steps", type=int, metavar="T", help="number of decode steps (max new tokens) "
+                        "(default: a mask file's row count)")
     parser.add_argument("--plot", type=Path, metavar="IMAGE", help="also write the heat map as an image; "
-                        "its extension picks the format (.png, .jpg, .svg, .pdf, ...)")
+                        "its extension picks the format (.png, .jpg, .svg, .pdf, ...) (default: none)")
     parser.add_argument("--json", action="store_true", help="print the schedule as JSON instead of a heat map")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     parser.set_defaults(func=run)
