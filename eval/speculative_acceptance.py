@@ -10,9 +10,13 @@ models side by side.
 Each input is decoded greedily on its own (batch 1: a batch shares one cache index and so
 keeps only the least-agreeing row's drafts), `--max-new-tokens` new tokens. Per model, draft
 and k: the acceptance rate (each round's agreeing prefix over the k drafted tokens), tokens
-per round (1 .. k + 1), the draft's Avg. Layer c (measured by decoding the same inputs under
-the draft schedule) and the implied speedup tokens_per_round / (1 + k * c / L): a round
-costs k draft steps of c of the L layers each, and one verify pass at the cost of a step.
+kept per round (1 .. k + 1: the tokens each input kept after its first, which the prompt pass
+makes, over the rounds), the draft's Avg. Layer c (measured by decoding the same inputs under
+the draft schedule) and the implied speedup over vanilla greedy, tokens / (inputs + rounds x
+(1 + k c / L)): vanilla spends one step a token; here the prompt pass makes each input's first
+token, and a round costs k draft steps of c of the L layers each and one verify pass at the
+cost of a step. (The library's own `tokens_per_round` also counts the tokens a last round
+made past EOS or the token limit, which are cut.)
 Writes speculative.json and speculative.md into --output (atomically); no timing, so the
 figures do not depend on the machine.
 """
@@ -30,7 +34,7 @@ def measure(lm, prompts: list[list[int]], draft: str, k: int, max_new_tokens: in
     """Acceptance counts summed over every prompt, each decoded alone."""
     from hsd_jax.generate import generate
 
-    totals = {"rounds": 0, "drafted": 0, "accepted": 0, "round_tokens": 0, "tokens": 0}
+    totals = {"rounds": 0, "drafted": 0, "accepted": 0, "round_tokens": 0, "tokens": 0, "inputs": len(prompts)}
     for row in tqdm(prompts, desc=f"{draft} k={k}", leave=False, dynamic_ncols=True):
         out = generate(lm, [row], draft=draft, num_draft_tokens=k, max_new_tokens=max_new_tokens,
                        pad_to_multiple_of=8)
@@ -48,6 +52,13 @@ def draft_layers(lm, prompts: list[list[int]], draft: str, max_new_tokens: int) 
     out = generate_batched(lm, prompts, batch_size=32, schedule=draft, max_new_tokens=max_new_tokens,
                            desc=f"{draft} alone")
     return out.avg_layers
+
+
+def implied(t: dict, k: int, c: float, L: int) -> dict:
+    """Acceptance, tokens kept per round and the speedup they imply at one-step verify (module doc)."""
+    return {"acceptance_rate": t["accepted"] / t["drafted"],
+            "tokens_per_round": (t["tokens"] - t["inputs"]) / t["rounds"],
+            "implied_speedup": t["tokens"] / (t["inputs"] + t["rounds"] * (1 + k * c / L))}
 
 
 def table(rows: list[dict]) -> str:
@@ -95,11 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             c = draft_layers(lm, prompts, draft, args.max_new_tokens)
             for k in args.k:
                 t = measure(lm, prompts, draft, k, args.max_new_tokens)
-                per_round = t["round_tokens"] / t["rounds"]
                 rows.append({"model": label, "path": str(path), "draft": draft, "k": k, "num_layers": L,
-                             "draft_layers": c, "acceptance_rate": t["accepted"] / t["drafted"],
-                             "tokens_per_round": per_round, "implied_speedup": per_round / (1 + k * c / L),
-                             **t})
+                             "draft_layers": c, **t, **implied(t, k, c, L)})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
                 args.output.mkdir(parents=True, exist_ok=True)
                 record = {"dataset": args.dataset, "split": args.split, "num_inputs": len(sources),
