@@ -97,6 +97,7 @@ def iter_evaluate(
     bertscorer: BertScorer | None = None,
     devices: int | None = None,
     split_processes: bool = False,
+    truncate_sources: bool = False,
 ) -> Iterator[EvalResult]:
     """Decodes `sources` (as training prompts) under each schedule and yields its scores
     (none when `references` is None: a blind run).
@@ -104,7 +105,9 @@ def iter_evaluate(
     All schedules are checked before the first is decoded; BERTScore is scored when a
     `bertscorer` is given. `batch_size` is sources per device, `devices` and
     `split_processes` as in `hsd_jax.generate.iter_batches`: split over several processes,
-    only process 0 yields the rows (the others decode their share of each).
+    only process 0 yields the rows (the others decode their share of each). A source too
+    long for the context with `max_new_tokens` is an HsdError naming it, before anything
+    is decoded, unless `truncate_sources` cuts it from its end as training does.
     """
     if lm.tokenizer is None:
         raise HsdError("evaluation needs the model's tokenizer; load a folder with tokenizer files")
@@ -117,7 +120,11 @@ def iter_evaluate(
     if room < 2:
         raise HsdError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                        f"{lm.config.max_position}-token context; lower it")
-    prompts = [encode_source(lm.tokenizer, s, room) for s in sources]
+    fix = ("shorten it, lower --max-new-tokens, or pass --truncate-sources to cut long sources from their end "
+           "as training does")
+    prompts = [encode_source(lm.tokenizer, s, room, cut=truncate_sources, fix=fix,
+                             where=f"source {i + 1} of {len(sources)} ({_preview(s)})")
+               for i, s in enumerate(sources)]
     for sched in resolved:
         out = generate_batched(lm, prompts, batch_size=batch_size, desc=sched.name, schedule=sched,
                                num_beams=num_beams, max_new_tokens=max_new_tokens, mode=mode, devices=devices,
@@ -165,6 +172,7 @@ def evaluate_to_folder(
     predictions_only: bool = False,
     devices: int | None = None,
     split_processes: bool = False,
+    truncate_sources: bool = False,
 ) -> list[EvalResult]:
     """Runs the evaluation into `output`: results.json, table.md, the plot and one predictions
     file per schedule, all rewritten (atomically) after every finished row.
@@ -180,9 +188,13 @@ def evaluate_to_folder(
     results.json, the table without scores and no plot; predictions files as with
     `predictions_only`.
 
-    `devices` and `split_processes` as in `iter_evaluate`. Split over several processes,
-    process 0 alone reads and writes `output` (and needs the `bertscorer`); the others
-    decode their share of each row and return [].
+    `devices`, `split_processes` and `truncate_sources` as in `iter_evaluate`. Split over
+    several processes, process 0 alone reads and writes `output` (and needs the
+    `bertscorer`); the others decode their share of each row and return [].
+
+    A resumed run keeps the finished rows of schedules it does not list (a shorter
+    `schedules` than the earlier run's): they stay in results.json, the table and the plot,
+    after the listed ones, though only the listed rows are returned.
     """
     out = Path(output)
     blind = references is None
@@ -192,6 +204,8 @@ def evaluate_to_folder(
                            "bertscore": None if bertscorer is None else bertscorer.description},
               "data_fingerprint": data_fingerprint(sources, references), "num_sources": len(sources),
               "blind": blind}
+    if truncate_sources:  # recorded only when set, so an earlier evaluation without the key still resumes
+        record["settings"]["truncate_sources"] = True
     done: dict[str, EvalResult] = {}
 
     def plan() -> list[str]:
@@ -204,17 +218,21 @@ def evaluate_to_folder(
 
     todo_specs = distributed.lead_decides("eval-plan", plan) if split_processes else plan()
     options = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size, mode=mode,
-                   bertscorer=bertscorer, devices=devices, split_processes=split_processes)
+                   bertscorer=bertscorer, devices=devices, split_processes=split_processes,
+                   truncate_sources=truncate_sources)
     if split_processes and not distributed.is_lead():
         todo = [s for s in resolved if s.spec in todo_specs]
         for _ in iter_evaluate(lm, sources, references, todo, **options) if todo else ():
             pass  # yields nothing here: the rows are process 0's
         return []
     results: dict[str, EvalResult] = {}
+    listed = {s.spec for s in resolved}
+    kept = [r for spec, r in done.items() if spec not in listed]  # finished rows of schedules not listed now
 
     def save() -> None:
         ordered = [results[s.spec] for s in resolved if s.spec in results]
         complete = len(ordered) == len(resolved)
+        ordered += kept
         if blind:  # each row names its predictions file, relative to the manifest
             rows = [{**r.row(), "predictions": _predictions_path(out, r.spec).relative_to(out).as_posix()}
                     for r in ordered]
@@ -229,8 +247,9 @@ def evaluate_to_folder(
         if sched.spec in done:
             results[sched.spec] = done[sched.spec]
     todo = [s for s in resolved if s.spec not in results]
-    if results:
-        print(f"resuming {out}: {len(results)} of {len(resolved)} rows done", flush=True)
+    if results or kept:
+        also = f"; {len(kept)} finished rows of schedules not listed now are kept" if kept else ""
+        print(f"resuming {out}: {len(results)} of {len(resolved)} rows done{also}", flush=True)
     rows = iter_evaluate(lm, sources, references, todo, **options) if todo else []
     for result in rows:
         write_jsonl(_predictions_path(out, result.spec),
@@ -255,6 +274,12 @@ def prediction_rows(sources, references, predictions, *, with_data: bool = True)
         else:
             yield {"index": i, "source_sha256": hashlib.sha256(source.encode()).hexdigest()[:16],
                    "prediction": prediction}
+
+
+def _preview(text: str, width: int = 40) -> str:
+    """The start of a source, to find it in the data by."""
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def _predictions_path(out: Path, spec: str) -> Path:

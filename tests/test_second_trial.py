@@ -377,3 +377,116 @@ def test_an_offline_hub_without_the_files_says_hf_hub_offline_is_set():
     err = hub.explain(LocalEntryNotFoundError("offline mode is enabled"), "'gpt2'", "pass a local model folder")
     assert str(err).startswith("HF_HUB_OFFLINE is set and 'gpt2' is not in the hub cache")
     assert "unset HF_HUB_OFFLINE" in str(err)
+
+
+# --- eval: one run per folder, resume, interrupts, long sources, no bert-score ------------------
+
+EVAL = ["--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "2", "--no-bertscore"]
+
+
+@pytest.fixture
+def dev(tmp_path):
+    from hsd_jax import data
+
+    return data.write_jsonl([("cat dog", "a cat and a dog"), ("sun sky", "the sun in the sky"),
+                             ("red car", "a red car")], tmp_path / "dev.jsonl")
+
+
+def test_a_second_eval_into_the_same_folder_is_refused_and_the_first_keeps_its_rows(model, dev, tmp_path, capsys):
+    out = tmp_path / "ev"
+    first = spawn("eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", "hsd:s=1,min=0,max=1",
+                  *EVAL, "--output", out, cwd=tmp_path)
+    wait_for(holds_pid(out / ".lock", first.pid), first)
+
+    # another evaluation (here beam 2) into the folder, with --overwrite even: refused, nothing replaced
+    assert run_cli(["eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", "--num-beams", "2",
+                    "--max-new-tokens", "2", "--no-bertscore", "--output", out, "--overwrite"]) == 2
+    err = one_line(capsys)
+    assert f"--output {out} is in use by another evaluation (process {first.pid})" in err
+
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["settings"]["num_beams"] == 1 and len(results["rows"]) == 2
+    assert not (out / ".lock").exists()
+
+
+def test_resume_with_fewer_schedules_keeps_the_other_finished_rows(model, dev, tmp_path, capsys, monkeypatch):
+    from hsd_jax import evaluate
+
+    out = tmp_path / "ev"
+    base = ["eval", "--model", model, "--eval-file", dev, *EVAL, "--output", out]
+    assert run_cli([*base, "--schedules", "vanilla", "hsd:s=1,min=0,max=1"]) == 0
+    before = json.loads((out / "results.json").read_text())["rows"]
+    capsys.readouterr()
+
+    monkeypatch.setattr(evaluate, "generate_batched", lambda *a, **k: pytest.fail("a finished row was decoded again"))
+    assert run_cli([*base, "--schedules", "vanilla", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"] == before and results["complete"]  # both rows, though only vanilla was listed
+    table = (out / "table.md").read_text()
+    assert all(f"`{row['spec']}`" in table and f"`{row['spec']}`" in printed for row in before)
+    assert "1 finished rows of schedules not listed now are kept" in printed
+
+
+def test_an_interrupt_before_the_first_row_names_no_folder_that_does_not_exist(model, dev, tmp_path, monkeypatch,
+                                                                               capsys):
+    from hsd_jax import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what SIGTERM raises while the first row is scored
+
+    monkeypatch.setattr(evaluate, "all_metrics", interrupted)
+    out = tmp_path / "new" / "ev"
+    assert run_cli(["eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", *EVAL,
+                    "--output", out]) == 130
+    err = one_line(capsys)
+    assert "no row was finished, so nothing was saved" in err and str(out) not in err
+    assert not (tmp_path / "new").exists()  # the folder made for the run (and its lock) is gone again
+
+
+def test_eval_refuses_a_source_too_long_naming_it_unless_told_to_cut(model, tmp_path, capsys):
+    from hsd_jax import data
+
+    long = "word " * 200  # the model has 128 positions
+    dev = data.write_jsonl([("cat dog", "a cat"), (long, "a long one")], tmp_path / "dev.jsonl")
+    argv = ["eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", *EVAL]
+    assert run_cli([*argv, "--output", tmp_path / "a"]) == 2
+    err = one_line(capsys)
+    assert "source 2 of 2 ('word word word" in err and "--truncate-sources" in err
+    assert not (tmp_path / "a").exists()
+    assert run_cli([*argv, "--output", tmp_path / "b", "--truncate-sources"]) == 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["settings"]["truncate_sources"] is True
+
+
+def test_eval_without_bert_score_skips_it_with_a_note(model, dev, tmp_path, monkeypatch, capsys):
+    from hsd_jax import metrics
+
+    monkeypatch.setattr(metrics, "bertscore_available", lambda: False)
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", "--num-beams", "1",
+            "--max-new-tokens", "2", "--output", out]
+    assert run_cli(argv) == 0
+    err = capsys.readouterr().err
+    assert 'BERTScore is skipped: bert-score is not installed (pip install "hsd-jax[bertscore]"' in err
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert "R-L" in row and "BERTScore" not in row
+    # asked for by name, it is one line naming the install
+    assert run_cli([*argv[:-2], "--output", tmp_path / "b", "--bertscore-model", "roberta-large"]) == 2
+    assert 'pip install "hsd-jax[bertscore]"' in one_line(capsys)
+
+
+def test_eval_of_a_dataset_offline_names_eval_file_not_train_file(monkeypatch, tmp_path, capsys):
+    import datasets
+
+    from hsd_jax import data
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(data, "shared_data_dir", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert run_cli(["eval", "--model", "m", "--dataset", "xsum", "--output", tmp_path / "ev"]) == 2
+    err = one_line(capsys)
+    assert "--eval-file" in err and "--train-file" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,12 +44,18 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=["compiled", "static", "eager"], default="compiled",
                    help="(default: compiled)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
-    p.add_argument("--no-bertscore", action="store_true", help="skip BERTScore (it needs its own model)")
+    p.add_argument("--no-bertscore", action="store_true",
+                   help="skip BERTScore (it needs its own model, and bert-score with torch: pip install "
+                   "\"hsd-jax[bertscore]\"; without them it is skipped with a note)")
     p.add_argument("--bertscore-model",
                    help="bert-score model name or local folder (default: roberta-large, from the hub)")
     p.add_argument("--bertscore-layers", type=int,
                    help="layer of --bertscore-model to use (default: bert-score's, or a folder's last)")
     p.add_argument("--metric", default="R-L", help="metric on the plot's y axis (default: R-L)")
+    p.add_argument("--truncate-sources", action="store_true",
+                   help="cut a source too long for the model's context (with --max-new-tokens) from its end, as "
+                   "training cuts it (the lead of an article is kept); without it such a source is refused, "
+                   "naming it, as hsd-jax generate refuses a prompt too long")
     p.add_argument("--predictions-only", action="store_true",
                    help="predictions files hold each prediction with its source's index and a hash of its text, "
                    "but not the dataset's sources and references (for results shared without the data)")
@@ -80,55 +87,79 @@ def run(args: argparse.Namespace) -> int:
     distributed.maybe_initialize()  # a launcher's several processes (docs/multihost.md); before JAX's devices
     distributed.local_devices(args.devices)  # too many: said now, not after the model has loaded
     lead = distributed.is_lead()  # process 0 checks, scores and writes; the others only decode
+    held = contextlib.ExitStack()  # the output folder's lock (process 0's), held until the command ends
+    results_file = args.output / (MANIFEST if args.blind else RESULTS)
     try:
-        with distributed.together("eval"):  # a process that fails stops the others
-            return _evaluate(args, lead)
+        with held, distributed.together("eval"):  # a process that fails stops the others
+            return _evaluate(args, lead, held)
     except KeyboardInterrupt:
-        where = f"{_rows_saved(args.output / (MANIFEST if args.blind else RESULTS))} finished rows are saved in {args.output}" if lead \
-            else "process 0 keeps the finished rows"
-        print(f"hsd-jax eval: interrupted; {where}; run the same command with --resume to continue", file=sys.stderr)
+        saved = _rows_saved(results_file)
+        if not lead:
+            where = "process 0 keeps the finished rows; run the same command with --resume to continue"
+        elif saved:
+            where = f"{saved} finished rows are saved in {args.output}; run the same command with --resume to continue"
+        else:
+            where = "no row was finished, so nothing was saved; run the same command again to start"
+        print(f"hsd-jax eval: interrupted; {where}", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk mid-run: the finished rows are safe, and --resume keeps them
         if isinstance(err, BrokenPipeError):
             raise
-        raise HsdError(f"{os_error_text(err)}; {_rows_saved(args.output / (MANIFEST if args.blind else RESULTS))} finished rows are saved in "
-                       f"{args.output}, and the same command with --resume continues") from err
+        saved = _rows_saved(results_file)
+        if not saved:
+            raise HsdError(f"{os_error_text(err)}; no row was finished, so nothing was saved") from err
+        raise HsdError(f"{os_error_text(err)}; {saved} finished rows are saved in {args.output}, and the same "
+                       "command with --resume continues") from err
 
 
-def _evaluate(args: argparse.Namespace, lead: bool) -> int:
+def _open_output(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
+    """Checks --output and locks it (OUTPUT/.lock) for this run: a second evaluation into the
+    folder is refused, in one line naming this one's process, instead of replacing its rows."""
+    from hsd_jax.io import check_output_dir, output_lock
+
+    check_output_dir(args.output)
+    held.enter_context(output_lock(args.output / ".lock", args.output, what="evaluation"))
+
+
+def _evaluate(args: argparse.Namespace, lead: bool, held: contextlib.ExitStack) -> int:
     import hsd_jax
     from hsd_jax import data, distributed
-    from hsd_jax.evaluate import (MANIFEST, PLOT, RESULTS, TABLE, evaluate_to_folder, group_references,
-                                  markdown_table)
-    from hsd_jax.io import check_output_dir
-    from hsd_jax.metrics import BertScorer
+    from hsd_jax.evaluate import MANIFEST, PLOT, RESULTS, TABLE, evaluate_to_folder, group_references
+    from hsd_jax.metrics import BERTSCORE_INSTALL, BertScorer, bertscore_available
 
-    distributed.lead_decides("eval-output", lambda: check_output_dir(args.output))
+    distributed.lead_decides("eval-output", lambda: _open_output(args, held))
     name = f"{args.dataset}/{args.split}" if args.dataset else args.eval_file.name
     references = None
     if args.blind:  # one prediction per input row, in order: repeats are not grouped
-        sources = data.load_dataset_sources(args.dataset, args.split) if args.dataset \
+        sources = data.load_dataset_sources(args.dataset, args.split, file_flag="--eval-file") if args.dataset \
             else data.read_sources(args.eval_file, args.source_field)
     else:
-        pairs = data.load_dataset_pairs(args.dataset, args.split) if args.dataset \
+        pairs = data.load_dataset_pairs(args.dataset, args.split, file_flag="--eval-file") if args.dataset \
             else data.read_pairs(args.eval_file, args.source_field, args.target_field)
         sources, references = group_references(pairs)
     if args.limit:
         sources = sources[: args.limit]
         references = None if references is None else references[: args.limit]
     lm = hsd_jax.load(args.model, dtype=args.dtype, layout="decode")  # it only decodes: no stacked copy
-    scorer = None if args.blind or args.no_bertscore or not lead \
-        else BertScorer(args.bertscore_model, args.bertscore_layers)
+    bertscore = not (args.blind or args.no_bertscore)
+    if bertscore and args.bertscore_model is None and args.bertscore_layers is None and not bertscore_available():
+        # The default install has no bert-score: the other metrics still come, and the note says how to add it.
+        if lead:
+            print(f"hsd-jax eval: note: BERTScore is skipped: bert-score is not installed ({BERTSCORE_INSTALL} "
+                  "adds it; --no-bertscore skips it without this note)", file=sys.stderr, flush=True)
+        bertscore = False
+    scorer = BertScorer(args.bertscore_model, args.bertscore_layers) if bertscore and lead else None
     title = f"{Path(str(args.model)).name} on {name} ({len(sources)} sources, beam {args.num_beams})"
     settings = {"model": _resolved(args.model), "dataset": name, "dtype": args.dtype}
-    results = evaluate_to_folder(
+    evaluate_to_folder(
         lm, sources, references, args.schedules, args.output, settings=settings, title=title,
         resume=args.resume, overwrite=args.overwrite, metric=args.metric, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode, bertscorer=scorer,
-        predictions_only=args.predictions_only, devices=args.devices, split_processes=True)
+        predictions_only=args.predictions_only, devices=args.devices, split_processes=True,
+        truncate_sources=args.truncate_sources)
     if not lead:
         return 0
-    print(markdown_table(results, title))
+    print((args.output / TABLE).read_text())  # with the kept rows of schedules this run did not list
     out = args.output
     if args.blind:
         print(f"wrote {out / MANIFEST}, {out / TABLE} and {out / 'predictions'}/ (no scores: blind)")
