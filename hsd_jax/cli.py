@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_without_torch()
     try:
         code = _run(argv)
         sys.stdout.flush()  # so a closed pipe shows up here, not as a message at exit
@@ -70,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         # The reader stopped reading (`hsd-jax schedule ... | head -1`): its choice, not a failure.
         stdout_to_devnull()
         return 0
+
+
+def _quiet_without_torch() -> None:
+    """The default install has no torch (BERTScore's extra brings it), and hsd-jax uses only
+    transformers' tokenizers and configs; transformers would say "PyTorch was not found.
+    Models won't be available" on every command. That advice is silenced then."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("torch") is None
+    except (ImportError, ValueError):  # a broken or blocked torch
+        missing = True
+    if missing:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def stdout_to_devnull() -> None:

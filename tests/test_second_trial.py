@@ -490,3 +490,16 @@ def test_eval_of_a_dataset_offline_names_eval_file_not_train_file(monkeypatch, t
     assert run_cli(["eval", "--model", "m", "--dataset", "xsum", "--output", tmp_path / "ev"]) == 2
     err = one_line(capsys)
     assert "--eval-file" in err and "--train-file" not in err
+
+
+def test_the_cli_without_torch_does_not_print_transformers_advice():
+    """On the default install (no torch) transformers said "PyTorch was not found. Models won't
+    be available..." on every command, though hsd-jax needs only its tokenizers and configs."""
+    code = ("import sys\nsys.modules['torch'] = None  # as on the default install\n"
+            "from hsd_jax import cli\ncli.main(['schedule', 'vanilla', '--layers', '2', '--steps', '2', '--json'])\n"
+            "import transformers\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "PyTorch was not found" not in result.stderr
