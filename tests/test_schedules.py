@@ -215,7 +215,7 @@ BAD_MASKS = [
     (np.ones((12, 36), dtype=bool), "12 rows but 20 decode steps"),
     (np.ones(36, dtype=bool), "must be 2-D"),
     (np.full((20, 36), 0.5), "must be boolean.*float64"),
-    (np.full((20, 36), 2), "must be boolean.*int64"),
+    (np.full((20, 36), 2), r"a mask of integers must hold only 0 and 1, but it holds 2 \(the first at step 0, layer 0\)"),
     (np.vstack([np.ones((3, 36), bool), np.zeros((1, 36), bool), np.ones((16, 36), bool)]), "decode step 3 runs no layer"),
 ]
 
