@@ -99,7 +99,8 @@ class _LazyTensors(dict):
     """Safetensors weights read one tensor at a time, when asked for, with plain reads
     into fresh arrays: a loader that places each tensor and drops it holds the weights
     plus one tensor. (safetensors' own reader maps the file into memory, and every page
-    it touches then counts as resident until the file is closed: the weights twice.)"""
+    it touches then counts as resident until the file is closed: the weights twice.)
+    Each array is 64-byte aligned, so on CPU it can become the JAX array itself (`_to_device`)."""
 
     def __init__(self, files: list[Path]):
         super().__init__()
@@ -111,7 +112,7 @@ class _LazyTensors(dict):
     def __getitem__(self, name: str) -> np.ndarray:
         f, (dtype, shape, start, stop) = dict.__getitem__(self, name)
         with _explained(f):
-            out = np.empty(shape, dtype)
+            out = _aligned_empty(shape, dtype)
             if out.nbytes != stop - start:
                 raise ValueError(f"tensor {name!r} holds {stop - start} bytes, but {shape} of {dtype} needs "
                                  f"{out.nbytes}")
@@ -269,6 +270,31 @@ def _check_layer_count(tensors: dict[str, np.ndarray], config: ModelConfig, fam,
                        "(or use the config.json these weights were saved with)")
 
 
+_ALIGN = 64  # bytes: XLA's CPU client uses a host array this aligned as its buffer, without a copy
+
+
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an `_ALIGN`-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(value: np.ndarray, dtype) -> jax.Array:
+    """`value` as a JAX array of `dtype`, `value` given up by the caller. An aligned,
+    contiguous array of that dtype becomes the array itself on CPU (`may_alias`): no copy.
+    Anything else is first converted into such an array, so the peak is that tensor twice.
+    (`jnp.asarray` would stage a copy of its own: three copies of the tensor at once.)"""
+    dtype = np.dtype(dtype)
+    if value.dtype != dtype or not value.flags.c_contiguous or value.ctypes.data % _ALIGN:
+        converted = _aligned_empty(value.shape, dtype)
+        converted[...] = value
+        value = converted
+    return jax.device_put(value, may_alias=True)
+
+
 def _set(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -307,7 +333,7 @@ def params_from_tensors(tensors, config: ModelConfig, dtype=jnp.float32, layout:
         return value
 
     def place(value: np.ndarray, kernel_t: bool):
-        return jnp.asarray(np.ascontiguousarray(value.T) if kernel_t else value, dtype)
+        return _to_device(value.T if kernel_t else value, dtype)
 
     decode = layout == "decode"
     params: dict = {}
@@ -324,10 +350,11 @@ def params_from_tensors(tensors, config: ModelConfig, dtype=jnp.float32, layout:
         params["layers"] = tuple(layers)
         return params
     for suffix, path in fam.layer_weights.items():
-        per_layer = [take(fam.layer_prefix.format(i) + suffix, suffix, ("layers", *path), True)
-                     for i in range(config.num_layers)]
-        _set(params, ("layers", *path), jnp.asarray(np.stack(per_layer), dtype))
-        del per_layer
+        stacked = _aligned_empty(shapes[("layers", *path)], dtype)  # filled layer by layer: no list, no stack
+        for i in range(config.num_layers):
+            stacked[i] = take(fam.layer_prefix.format(i) + suffix, suffix, ("layers", *path), True)
+        _set(params, ("layers", *path), _to_device(stacked, dtype))
+        del stacked
     return params
 
 

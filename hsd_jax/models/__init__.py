@@ -167,10 +167,11 @@ def decode_layout(params):
 
 def decode_layout_leaves(params: dict) -> dict:
     """`decode_layout(params)` made array by array, emptying `params` (a stacked pytree the
-    caller gives up) as it goes: each stacked array is dropped once its per-layer parts
-    exist, so converting a model costs its weights plus one array, not two copies."""
-    params = dict(params)
-    stacked = dict(params.pop("layers"))
+    caller gives up: its dicts are emptied in place) as it goes: each stacked array is
+    dropped once its per-layer parts exist, so converting a model costs its weights plus
+    one array, not two copies. (Emptying copies of the dicts would leave the caller's
+    holding every stacked array to the end: the weights twice.)"""
+    stacked = params.pop("layers")
     n = jax.tree.leaves(stacked)[0].shape[0]
     layers: list[dict] = [{} for _ in range(n)]
     for path, leaf in _drain(stacked):
@@ -179,6 +180,7 @@ def decode_layout_leaves(params: dict) -> dict:
             _put(layers[l], (*path[:-1], name), _layer_part(leaf, l, path[-1] == "kernel"))
         del leaf
     out = {**params, "layers": tuple(layers)}
+    params.clear()
     if "lm_head" in out and "kernel" in out["lm_head"]:
         out["lm_head"] = _transpose_kernels(out["lm_head"])
     return out
@@ -197,17 +199,21 @@ def stacked_layout(params) -> dict:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _layer_part(leaf, layer: int, transpose: bool):
-    return leaf[layer].T if transpose else leaf[layer]
+@functools.partial(jax.jit, static_argnums=2)
+def _layer_part(leaf, layer, transpose: bool):
+    """Layer `layer` of a stacked (L, ...) array, a kernel transposed. The layer is an
+    argument, not a constant: one program per array shape, where a constant layer would
+    compile L programs, each keeping its memory (a quarter of GPT-2 medium's weights)."""
+    part = jax.lax.dynamic_index_in_dim(leaf, layer, keepdims=False)
+    return part.T if transpose else part
 
 
 def _drain(tree: dict, prefix: tuple = ()):
-    """(path, leaf) of a nested dict, popping each as it is given out."""
+    """(path, leaf) of a nested dict, popping each from its dict as it is given out."""
     for key in list(tree):
         value = tree.pop(key)
         if isinstance(value, dict):
-            yield from _drain(dict(value), (*prefix, key))
+            yield from _drain(value, (*prefix, key))
         else:
             yield (*prefix, key), value
         del value
