@@ -2,28 +2,51 @@
 
 1. writes a small data-to-text task (`hsd_jax.demo_data`: invented restaurant records
    and sentences, train and dev splits of distinct records);
-2. trains a 12-layer GPT-2 from random weights on it, with a byte-level BPE learned on
-   the training pairs, through `hsd_jax.train` (the code path of `hsd-jax train`);
-3. decodes the dev records under vanilla, SkipDecode, HSD (two budgets, with and
-   without a warm-up layer) and CALM (two lambdas) with beam 4 and scores them through `hsd_jax.evaluate` (the code path
-   of `hsd-jax eval`): the paper-style table and the quality-against-layers plot.
+2. trains a 12-layer model of the chosen family (GPT-2, or Phi: partial rotary embedding,
+   attention and MLP in parallel) from random weights on it, with a byte-level BPE learned
+   on the training pairs, through `hsd_jax.train` (the code path of `hsd-jax train`):
+   the *plain* model;
+3. fine-tunes it schedule-aware (the recipe that worked on CommonGen, scaled down: both
+   paths on every batch, the skipping path distilled from the full one, at a lower
+   learning rate; `train/commongen_schedule_aware_ft.sh`): the *schedule-aware* model;
+4. decodes the dev records with each model under the same rows (vanilla, SkipDecode, the
+   paper's HSD rows, HSD with layer 0 always run, CALM) with beam 4 and scores them through
+   `hsd_jax.evaluate` (the code path of `hsd-jax eval`); then a table of the two models
+   side by side, one plot with both, and a summary computed from the numbers.
 
-Nothing is downloaded. Everything follows from the seed, so a seed gives the same table.
+The folder, `--output`:
+
+    demo.json                        what this demo is (family, size, seed): a rerun continues it
+    data/                            train.jsonl, dev.jsonl, model_config.json
+    plain/model, plain/eval          the plain model (a Hugging Face folder) and its evaluation
+    schedule_aware/model, .../eval   the schedule-aware model and its evaluation
+    comparison.md, quality_vs_layers.png, timings.json
+
+Running it again continues an interrupted demo where it stopped: training resumes from the
+checkpoint Ctrl-C or SIGTERM wrote, evaluation keeps its finished rows; a finished demo
+prints its results again. Nothing is downloaded. Everything follows from the seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from hsd_jax import demo_data
 from hsd_jax.errors import HsdError
-from hsd_jax.io import check_output_dir, write_json
+from hsd_jax.io import check_output_dir, write_json, write_text
 
-MARKER = "demo.json"  # what the demo writes first: a folder holding it may be replaced by --overwrite
-PARTS = (MARKER, "data", "model", "eval")  # everything a demo writes in its folder
+FAMILIES = ("gpt2", "phi")
+MARKER = "demo.json"  # what the demo writes first: a rerun compares it, --overwrite may replace its folder
+PLAIN, AWARE = "plain", "schedule_aware"  # one folder per model
+COMPARISON, PLOT, TIMINGS = "comparison.md", "quality_vs_layers.png", "timings.json"
+# everything a demo writes in its folder (model/ and eval/: an older demo's layout)
+PARTS = (MARKER, "data", PLAIN, AWARE, COMPARISON, PLOT, TIMINGS, "model", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,80 +60,182 @@ class DemoSize:
     width: int
     heads: int
     vocab: int  # BPE tokens learned on the training pairs
-    epochs: int
+    epochs: int  # the plain model
     batch_size: int
     learning_rate: float
+    aware_epochs: int  # the schedule-aware fine-tune: twice the compute per step (both paths)
+    aware_learning_rate: float
+    aware_weight: float  # the schedule path's share of the fine-tune's loss (--skip-aware-prob)
     max_new_tokens: int
+    eval_batch_size: int  # dev records decoded at once (times 4 beams)
 
 
-# ~3.5 minutes on a 2-core CPU (the README has the measured time).
-FULL = DemoSize(num_train=3000, num_dev=100, refs_per_dev=4, layers=12, width=128, heads=4, vocab=1024,
-                epochs=3, batch_size=16, learning_rate=2e-3, max_new_tokens=64)
+# About 4.5 minutes on an idle 2-core CPU, either family (the README has the measured times).
+FULL = DemoSize(num_train=3000, num_dev=50, refs_per_dev=4, layers=12, width=128, heads=4, vocab=1024,
+                epochs=2, batch_size=16, learning_rate=2e-3, aware_epochs=1, aware_learning_rate=5e-4,
+                aware_weight=0.75, max_new_tokens=64, eval_batch_size=50)
 # Under a minute, for the tests: the same pipeline on a sliver of it.
 SMOKE = DemoSize(num_train=400, num_dev=6, refs_per_dev=2, layers=12, width=32, heads=2, vocab=1024,
-                 epochs=4, batch_size=16, learning_rate=3e-3, max_new_tokens=24)
+                 epochs=4, batch_size=16, learning_rate=3e-3, aware_epochs=1, aware_learning_rate=1e-3,
+                 aware_weight=0.75, max_new_tokens=24, eval_batch_size=6)
+
+
+def model_config(family: str, size: DemoSize) -> dict:
+    """The config.json of the demo's random model: the family's own architecture at the demo's
+    size (Phi keeps its defaults: rotary embedding on half of each head, attention and MLP in
+    parallel from one LayerNorm)."""
+    if family == "gpt2":
+        return {"model_type": "gpt2", "n_layer": size.layers, "n_embd": size.width, "n_head": size.heads,
+                "n_positions": 128, "vocab_size": size.vocab}
+    if family == "phi":
+        return {"model_type": "phi", "num_hidden_layers": size.layers, "hidden_size": size.width,
+                "intermediate_size": 4 * size.width, "num_attention_heads": size.heads,
+                "max_position_embeddings": 128, "vocab_size": size.vocab}
+    raise HsdError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+
+
+# ---------------------------------------------------------------- the rows
+
+PAPER_CALM_LAMBDA = 0.02  # the paper's first CALM row (its second is 0.005)
+# CALM where it trades quality for layers on the demo's models (softmax response, per row):
+# measured by sweeping lambda on both families' plain and schedule-aware models.
+CALM_LAMBDAS = (0.9, 0.6)
+
+
+def paper_hsd(size: DemoSize) -> list[str]:
+    """The paper's six HSD rows, scaled to the demo's depth, as the paper runs them (warm-up 0)."""
+    from hsd_jax.schedules import paper_specs
+
+    return [s for s in paper_specs("paper", size.layers) if s.startswith("hsd:")]
 
 
 def schedules(size: DemoSize) -> list[str]:
-    """The rows of the demo's table: vanilla; SkipDecode and two HSD budgets near half the depth,
-    HSD as the paper runs it (layer 0 may be skipped) and with layer 0 always run; two CALM lambdas."""
-    L = size.layers
-    hsd = [f"hsd:s=1,min=0,max={L // 2}", f"hsd:s=2,min=0,max={L // 3}"]
-    return ["vanilla", f"skipdecode:min={L // 6},max={2 * L // 3}", *hsd, *(f"{h},warmup=1" for h in hsd),
-            "calm:lambda=0.02", "calm:lambda=0.005"]
+    """The rows of the demo's tables, the same for both models: vanilla; SkipDecode; the paper's
+    HSD rows (layer 0 may be skipped); two of them with layer 0 always run; CALM at the paper's
+    lambda and at two lambdas set for this model."""
+    from hsd_jax.schedules import paper_specs
+
+    skipdecode = next(s for s in paper_specs("paper", size.layers) if s.startswith("skipdecode:"))
+    hsd = paper_hsd(size)
+    warm = [hsd[0].replace("warmup=0", "warmup=1"), hsd[-1].replace("warmup=0", "warmup=1")]
+    calm = [f"calm:lambda={lam:g}" for lam in (PAPER_CALM_LAMBDA, *CALM_LAMBDAS)]
+    return ["vanilla", skipdecode, *hsd, *warm, *calm]
+
+
+def aware_schedules(size: DemoSize) -> list[str]:
+    """What the schedule-aware fine-tune trains under: the paper's HSD rows and nested HSD s=2
+    at lower budgets, as on CommonGen (`train/commongen_schedule_aware_ft.sh`)."""
+    return [*paper_hsd(size), "hsd:s=2,min=0,max=2,T=72", "hsd:s=2,min=0,max=1,T=72"]
+
+
+# ---------------------------------------------------------------- the run
 
 
 @dataclasses.dataclass
 class DemoResult:
     output: Path
-    model: Path
-    table: str
+    models: dict[str, Path]  # PLAIN / AWARE -> the model folder
+    comparison: str  # the side-by-side table (markdown)
+    summary: list[str]  # what the tables show, one line each
     seconds: float
+    timings: dict[str, float]  # stage -> seconds, in this invocation
 
 
-def run_demo(output: str | Path, *, smoke: bool = False, seed: int = 0, overwrite: bool = False,
-             progress: bool = True) -> DemoResult:
-    """Runs the demo into `output` (data/, model/, eval/) and returns where things are."""
-    from hsd_jax.models.modules import load
-    from hsd_jax.evaluate import evaluate_to_folder, group_references, markdown_table
-    from hsd_jax.train import TrainConfig, train
-
-    start = time.perf_counter()
+def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, seed: int = 0,
+             overwrite: bool = False, progress: bool = True) -> DemoResult:
+    """Runs (or continues) the demo in `output` and returns where things are."""
     size = SMOKE if smoke else FULL
-    out = _prepare(Path(output), overwrite)
-    write_json(out / MARKER, {"smoke": smoke, "seed": seed, "size": dataclasses.asdict(size)})
+    config = model_config(family, size)  # a bad family fails before the folder is touched
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
 
+    def timed(stage: str, fn, *args):
+        t0 = time.perf_counter()
+        value = fn(*args)
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        return value
+
+    out = _prepare(Path(output), {"family": family, "smoke": smoke, "seed": seed,
+                                  "size": dataclasses.asdict(size)}, overwrite)
     splits = demo_data.make_splits(seed=seed, num_train=size.num_train, num_dev=size.num_dev,
                                    refs_per_dev=size.refs_per_dev)
     # dev is scored from `splits`; its file is there for the user to read
     train_file, _ = demo_data.write_splits(splits, out / "data")
-    config = out / "data" / "model_config.json"
-    write_json(config, {"model_type": "gpt2", "n_layer": size.layers, "n_embd": size.width, "n_head": size.heads,
-                        "n_positions": 128, "vocab_size": size.vocab})
+    write_json(out / "data" / "model_config.json", config)
 
-    model = out / "model"
-    train(TrainConfig(model=f"random:{config}", tokenizer=f"bpe:{size.vocab}", train_file=str(train_file),
-                      output=str(model), epochs=size.epochs, batch_size=size.batch_size,
-                      learning_rate=size.learning_rate, weight_decay=0.01, seed=seed,
-                      save_every=10**9, log_every=10, progress=progress))
+    from hsd_jax.evaluate import group_references
 
-    lm = load(model, layout="decode")  # it only decodes
     sources, references = group_references(splits.dev_pairs())
-    title = f"demo model ({size.layers} layers) on {len(sources)} dev records, beam 4"
-    results = evaluate_to_folder(lm, sources, references, schedules(size), out / "eval",
-                                 settings={"model": str(model), "dataset": "demo dev", "seed": seed}, title=title,
-                                 num_beams=4, max_new_tokens=size.max_new_tokens, batch_size=32, overwrite=True)
-    return DemoResult(output=out, model=model, table=markdown_table(results, title),
-                      seconds=time.perf_counter() - start)
+    results = {}
+    plain = out / PLAIN / "model"
+    timed("train plain", _train, plain, size, seed, progress, dict(
+        model=f"random:{out / 'data' / 'model_config.json'}", tokenizer=f"bpe:{size.vocab}",
+        epochs=size.epochs, learning_rate=size.learning_rate))
+    results[PLAIN] = timed("eval plain", _evaluate, out, PLAIN, family, size, seed, sources, references)
+    aware = out / AWARE / "model"
+    timed("train schedule-aware", _train, aware, size, seed, progress, dict(
+        model=str(plain), epochs=size.aware_epochs, learning_rate=size.aware_learning_rate,
+        skip_aware=tuple(aware_schedules(size)), skip_aware_prob=size.aware_weight, skip_aware_joint=True,
+        skip_aware_distill=1.0))
+    results[AWARE] = timed("eval schedule-aware", _evaluate, out, AWARE, family, size, seed, sources, references)
+
+    rows = {label: [r.row() for r in rs] for label, rs in results.items()}
+    comparison = comparison_table(rows, size.layers)
+    summary = summarise(rows, size)
+    write_text(out / COMPARISON, f"**{family} demo: the plain and the schedule-aware model on "
+               f"{len(sources)} dev records, beam 4**\n\n{comparison}\n" + "\n".join(summary) + "\n")
+    plot_comparison(rows, out / PLOT, title=f"{family} demo: R-L against layers run, plain (dashed) and "
+                    "schedule-aware")
+    seconds = time.perf_counter() - start
+    write_json(out / TIMINGS, {**timings, "total": round(seconds, 1)})
+    return DemoResult(output=out, models={PLAIN: plain, AWARE: aware}, comparison=comparison, summary=summary,
+                      seconds=seconds, timings=timings)
 
 
-def _prepare(out: Path, overwrite: bool) -> Path:
+def _train(model: Path, size: DemoSize, seed: int, progress: bool, stage: dict) -> None:
+    """One training stage into `model`, continued from its checkpoint when an earlier demo
+    was interrupted there (and left alone when it finished)."""
+    from hsd_jax.train import RUN_FILE, TrainConfig, train
+
+    if model.exists() and not (model / RUN_FILE).exists():
+        shutil.rmtree(model)  # stopped before its first record: nothing to continue from
+    # A checkpoint only at the end: Ctrl-C / SIGTERM writes one of the step reached.
+    train(TrainConfig(output=str(model), train_file=str(model.parents[1] / "data" / demo_data.TRAIN_FILE),
+                      batch_size=size.batch_size, weight_decay=0.01, seed=seed, save_every=10**9, log_every=10,
+                      progress=progress, resume=True, **stage))
+
+
+def _evaluate(out: Path, label: str, family: str, size: DemoSize, seed: int, sources, references):
+    from hsd_jax.models.modules import load
+    from hsd_jax.evaluate import evaluate_to_folder
+
+    lm = load(out / label / "model", layout="decode")  # it only decodes
+    name = "plain" if label == PLAIN else "schedule-aware"
+    title = f"{family} demo, {name} model ({size.layers} layers) on {len(sources)} dev records, beam 4"
+    # the model named relative to the demo folder: the record says which of the two it was
+    return evaluate_to_folder(lm, sources, references, schedules(size), out / label / "eval",
+                              settings={"model": f"{label}/model", "dataset": "demo dev", "seed": seed},
+                              title=title, num_beams=4, max_new_tokens=size.max_new_tokens,
+                              batch_size=size.eval_batch_size, resume=True)
+
+
+def _prepare(out: Path, record: dict, overwrite: bool) -> Path:
+    """The demo's folder: new, replaced (`overwrite`), or an earlier run of the same demo to continue."""
     check_output_dir(out)
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
+        marker = out / MARKER
+        if not marker.exists():
             raise HsdError(f"--output {out} is not empty and holds no demo; choose a new folder")
         if not overwrite:
-            raise HsdError(f"--output {out} holds an earlier demo; pass --overwrite to run it again there, "
+            try:
+                previous = json.loads(marker.read_text())
+            except ValueError:
+                previous = None
+            if previous == record:
+                print(f"continuing the demo in {out} (--overwrite starts it again)", file=sys.stderr, flush=True)
+                return out
+            diffs = _differences(previous, record)
+            raise HsdError(f"--output {out} holds another demo ({diffs}); pass --overwrite to replace it, "
                            "or choose another --output")
         for part in PARTS:  # only what a demo writes: other files in the folder stay
             path = out / part
@@ -119,4 +244,136 @@ def _prepare(out: Path, overwrite: bool) -> Path:
             else:
                 path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MARKER, record)
     return out
+
+
+def _differences(previous, record: dict) -> str:
+    if not isinstance(previous, dict):
+        return f"{MARKER} is unreadable"
+    changed = [key for key in record if previous.get(key) != record[key]]
+    if changed == ["size"] or not changed:
+        return "an earlier version's sizes"
+    return "; ".join(f"{key} {previous.get(key)!r} there, {record[key]!r} now" for key in changed if key != "size")
+
+
+# ---------------------------------------------------------------- what the two models show
+
+
+def shown(label: str) -> str:
+    """A model's name in tables and plots: its folder's name, in words."""
+    return label.replace("_", "-")
+
+
+def comparison_table(rows: dict[str, list[dict]], num_layers: int, metric: str = "R-L") -> str:
+    """The rows of both models side by side: layers run and quality, as a share of each
+    model's own vanilla."""
+    labels = list(rows)
+    by_spec = {label: {r["spec"]: r for r in rs} for label, rs in rows.items()}
+    head = " | ".join(f"{shown(label)}: Avg. Layer | {shown(label)}: {metric}" for label in labels)
+    lines = [f"| method | {head} | spec |", "|---|" + "---:|---:|" * len(labels) + "---|"]
+    first = rows[labels[0]]
+    for row in first:
+        cells = []
+        for label in labels:
+            r = by_spec[label].get(row["spec"])
+            vanilla = by_spec[label].get("vanilla")
+            if r is None:
+                cells += ["–", "–"]
+                continue
+            share = f" ({100 * r[metric] / vanilla[metric]:.0f}%)" if vanilla and vanilla[metric] else ""
+            cells += [f"{r['avg_layers']:.2f}", f"{r[metric]:.2f}{share}"]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | `{row['spec']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(rows: dict[str, list[dict]], size: DemoSize, metric: str = "R-L") -> list[str]:
+    """What the tables show, from their numbers: the paper's HSD rows on each model as a share
+    of its vanilla, and why CALM at the paper's lambda exits so early."""
+    from hsd_jax.schedules import resolve
+
+    paper = set(paper_hsd(size))
+    L = size.layers
+
+    def vanilla(label):
+        return next(r for r in rows[label] if r["spec"] == "vanilla")[metric]
+
+    def spread(label, keep):
+        picked = [r for r in rows[label] if keep(r["spec"])]
+        base = vanilla(label)
+        shares = [100 * r[metric] / base if base else 0.0 for r in picked]
+        layers = [r["avg_layers"] for r in picked]
+        return f"{min(shares):.0f}-{max(shares):.0f}% of it at {min(layers):.1f}-{max(layers):.1f} of {L} layers"
+
+    def warm(spec):
+        return spec.startswith("hsd:") and "warmup=1" in spec
+
+    plain, aware = vanilla(PLAIN), vanilla(AWARE)
+    lines = [
+        f"plain model: vanilla {metric} {plain:.1f}; the paper's HSD rows (layer 0 skipped at most steps) keep "
+        f"{spread(PLAIN, paper.__contains__)}, and with layer 0 always run {spread(PLAIN, warm)}.",
+        f"schedule-aware fine-tune: vanilla {metric} {aware:.1f} ({aware - plain:+.1f}); the same paper HSD rows "
+        f"keep {spread(AWARE, paper.__contains__)}.",
+    ]
+    spec = next(s for s in schedules(size) if s == f"calm:lambda={PAPER_CALM_LAMBDA:g}")
+    calm = resolve(spec, num_layers=L, max_new_tokens=size.max_new_tokens)
+    ceiling = min(1.0, 0.9 * calm.lam + 0.1)  # the threshold at step 0, where it is highest
+    floor = max(0.0, 0.9 * calm.lam + 0.1 * math.exp(-calm.tau))  # at the last step
+    exits = ", ".join(f"{shown(label)} {r['avg_layers']:.1f} layers, {metric} {r[metric]:.1f}"
+                      for label in rows for r in rows[label] if r["spec"] == calm.spec)
+    lines.append(
+        f"CALM at the paper's lambda {calm.lam:g} exits too early to compare ({exits}): its threshold "
+        f"({ceiling:.3f} falling to {floor:.3f}) asks the top token to lead the next by a few points of "
+        f"probability, which these models' early layers already give; lambda {', '.join(map(str, CALM_LAMBDAS))} "
+        "is where CALM trades quality for layers here.")
+    return lines
+
+
+def plot_comparison(rows: dict[str, list[dict]], path: str | Path, metric: str = "R-L", title: str = "") -> Path:
+    """Quality against Avg. Layer for both models in one plot: a colour per model (the first
+    dashed, each model's vanilla as a dotted line across), a marker per kind of row."""
+    import re
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from hsd_jax.evaluate import family
+    from hsd_jax.io import atomic_path
+
+    def series(method: str) -> str:  # HSD's two strides apart, so each line is one budget sweep
+        s = re.search(r"HSD\(s=(\d+)", method)
+        return f"{family(method)}, s={s.group(1)}".replace("HSD, w=1, s=", "HSD w=1, s=") if s else family(method)
+
+    markers = {"Vanilla": "*", "SkipDecode": "s", "HSD, s=1": "o", "HSD, s=2": "v", "HSD w=1, s=1": "D",
+               "HSD w=1, s=2": "d", "CALM": "^"}
+    fig = Figure(figsize=(7.5, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    seen: dict[str, None] = {}
+    for i, (label, model_rows) in enumerate(rows.items()):
+        color, style = f"C{i}", "--" if i == 0 else "-"
+        groups: dict[str, list[dict]] = {}
+        for r in model_rows:
+            groups.setdefault(series(r["method"]), []).append(r)
+        for name, group in groups.items():
+            seen[name] = None
+            group = sorted(group, key=lambda r: r["avg_layers"])
+            ax.plot([r["avg_layers"] for r in group], [r[metric] for r in group], style, color=color,
+                    marker=markers.get(name, "o"), markersize=7, alpha=0.85)
+            if name == "Vanilla":  # the quality every other row of this model is measured against
+                ax.axhline(group[0][metric], color=color, linestyle=":", linewidth=1, alpha=0.7)
+    models = [Line2D([], [], color=f"C{i}", linestyle="--" if i == 0 else "-", label=shown(label))
+              for i, label in enumerate(rows)]
+    kinds = [Line2D([], [], color="0.4", linestyle="", marker=markers.get(name, "o"), label=name) for name in seen]
+    ax.set_xlabel("Avg. Layer (layers run per generated token)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} against layers run", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.add_artist(ax.legend(handles=models, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                            title="model", title_fontsize=8))
+    ax.legend(handles=kinds, loc="upper left", bbox_to_anchor=(1.02, 0.72), fontsize=8, title="rows",
+              title_fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)

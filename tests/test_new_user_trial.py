@@ -235,8 +235,8 @@ def test_an_interrupted_demo_says_how_to_run_it_again(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(hsd_jax.demo, "run_demo", interrupted)
     assert run_cli(["demo", "--smoke", "--output", tmp_path / "d"]) == 130
-    # was: "hsd-jax demo: interrupted", and a rerun was refused ("holds an earlier demo")
-    assert f"hsd-jax demo --smoke --output {tmp_path / 'd'} --overwrite" in one_line(capsys)
+    # was: "hsd-jax demo: interrupted", and a rerun was refused ("holds an earlier demo"); now a rerun continues it
+    assert f"`hsd-jax demo --smoke --output {tmp_path / 'd'}` continues it where it stopped" in one_line(capsys)
 
 
 def test_a_finished_output_is_not_replaced_without_overwrite(model, prompt_file, tmp_path, capsys):
