@@ -467,7 +467,9 @@ def save_pretrained(lm, folder: str | os.PathLike) -> Path:
     hf = dict(lm.hf_config)
     hf["torch_dtype"] = "float32"
     with atomic_path(folder / "model.safetensors") as tmp:
+        mode = os.stat(tmp).st_mode  # what atomic_path gave it: 0666 less the umask, as any file written
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, mode)  # safetensors writes a new file in its place, mode 0600
     write_json(folder / "config.json", hf)
     if lm.tokenizer is not None:
         lm.tokenizer.save_pretrained(str(folder))

@@ -64,7 +64,8 @@ from hsd_jax.train.run_folder import (CHECKPOINTS, LOCK_FILE, LOG_FILE, ORBAX_TM
                                       _export, _output_lock, _prepare_output, _remove_unfinished_checkpoints,
                                       _trim_log, read_log, weights_fingerprint)
 from hsd_jax.train.settings import RUN_SETTINGS, TrainConfig, TrainResult, _check_config, _run_settings, setting
-from hsd_jax.train.stopping import Interrupted, _failures_explained, _signals_deferred
+from hsd_jax.train.stopping import (Interrupted, _close, _export_failures, _failures_explained, _Saves,
+                                    _signals_deferred)
 
 __all__ = [
     "BPE_PREFIX", "CHECKPOINTS", "GPT2_PRESETS", "LOCK_FILE", "LOG_FILE", "ORBAX_TMP", "RUN_FILE", "RUN_SETTINGS",
@@ -94,9 +95,10 @@ def _run(cfg: TrainConfig, out: Path) -> TrainResult:
         with _failures_explained(out, run.manager):
             log = _loop(run)
             if run.lead:
-                _export(out, run.lm, run.trained_params(), run.record, run.end)
+                with _export_failures():
+                    _export(out, run.lm, run.trained_params(), run.record, run.end)
     finally:
-        run.manager.close()  # joins Orbax's writer threads, so none is cut off at exit
+        _close(run.manager)
     return TrainResult(steps=run.end, losses=log.losses, eval_losses=log.eval_losses,
                        trainable_params=run.record["trainable_params"], learning_rates=log.learning_rates,
                        **run.summary)
@@ -179,6 +181,9 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
     lead = jax.process_index() == 0
     lm, train_data, eval_data, max_len = _model_and_data(cfg)
     config = lm.config
+    lora_cfg = lora.LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets) if cfg.lora_targets else None)
+    if cfg.mode == "lora":  # a target that names no projection fails here, before OUTPUT holds anything
+        lora.resolve_targets(lm.params, config, lora_cfg)
     skip_schedules = skip_aware_schedules(cfg.skip_aware, config.num_layers, max_len) if cfg.skip_aware else None
     fingerprint, base_weights = train_data.fingerprint(), weights_fingerprint(lm.params)
     if previous is not None:
@@ -209,7 +214,6 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
         return TrainResult(steps=start, losses={}, eval_losses={}, already_done=True,
                            trainable_params=int(previous.get("trainable_params", 0)), **summary)
 
-    lora_cfg = lora.LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets) if cfg.lora_targets else None)
     optimizer = (cfg.learning_rate, total, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
     tx, schedule, train_step, eval_step = _compiled(config, optimizer, cfg.mode, lora_cfg.scale, cfg.bf16,
                                                     tuple(devices), cfg.skip_aware_distill)
@@ -239,12 +243,13 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
 def _loop(run: _Run) -> _StepLog:
     """Steps 5-6: one jitted step per batch from `run.start` to `run.stop`, each step logged;
     the validation loss and a checkpoint when due, both at the last step, and a checkpoint
-    of the step reached when Ctrl-C or SIGTERM stops the run."""
+    of the step reached when Ctrl-C or SIGTERM stops the run. A save that fails, at once or
+    in Orbax's background threads, stops the run at the step after (`_Saves`)."""
     import jax
-    import orbax.checkpoint as ocp
 
     cfg = run.cfg
     log = _StepLog(run)
+    saves = _Saves(run.manager)
     pending = None  # the previous step's metrics, read after the next step is dispatched
     # Ctrl-C / SIGTERM ends the run after the step in flight, with a checkpoint of it, so
     # an interrupt loses no finished step. Not across processes: a save is collective, and
@@ -256,6 +261,7 @@ def _loop(run: _Run) -> _StepLog:
             for step, batch in _batches(run):
                 batch, trained_under = _add_skip_schedule(run, batch, step)
                 run.state, metrics = run.train_step(run.state, run.frozen, run.to_device(batch))
+                saves.check()  # while the step runs: did the last save end without its checkpoint?
                 done = step + 1
                 if pending is not None:
                     log.write(*pending)
@@ -270,13 +276,13 @@ def _loop(run: _Run) -> _StepLog:
                     pending = None
                 if due_save or stop:
                     with _signals_deferred():
-                        run.manager.save(done, args=ocp.args.StandardSave(run.state))
+                        saves.save(done, run.state)
                     stop = bool(interrupted)  # this step is saved, whenever the signal came
                 if stop:
                     break
             if pending is not None:
                 log.write(*pending)
-            run.manager.wait_until_finished()
+            saves.check(wait=True)
         if interrupted:  # the handler before ours returned: still, the run did not finish
             raise KeyboardInterrupt
     finally:
@@ -317,8 +323,11 @@ class _StepLog:
         self.learning_rates[step] = record["lr"]
         if eval_loss is not None:
             self.eval_losses[step] = record["eval_loss"] = eval_loss
+        # Tokens/s over the steps since the last log line: the bar shows it at every step (a step
+        # between log lines has a rate too, and it is not 0), the log line when one is written.
+        rate = self.tokens_since / max(now - self.t_last, 1e-9)
         if step % cfg.log_every == 0 or step == self.run.stop or eval_loss is not None:
-            record["tokens_per_s"] = round(self.tokens_since / max(now - self.t_last, 1e-9), 1)
+            record["tokens_per_s"] = round(rate, 1)
             record["elapsed_s"] = round(now - self.t_start, 2)
             self.t_last, self.tokens_since = now, 0
             if self.file is not None:
@@ -327,7 +336,7 @@ class _StepLog:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",  # a run still in warm-up shows it
-                                 tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+                                 tok_s=f"{rate:.0f}", refresh=False)
 
     def close(self) -> None:
         if self.file is not None:

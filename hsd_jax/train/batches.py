@@ -14,6 +14,8 @@ it against the compiled decoder).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from hsd_jax import data as data_lib
@@ -55,12 +57,51 @@ def _model_and_data(cfg: TrainConfig):
     train_pairs = _train_pairs(cfg)
     lm = _load_model(cfg, train_pairs)
     max_len = min(cfg.max_length or lm.config.max_position, lm.config.max_position)
-    train_data = data_lib.encode_pairs(lm.tokenizer, train_pairs, max_len,
-                                       what=cfg.train_file or f"{cfg.dataset} ({cfg.split})")
+    train_data = _encode(lm.tokenizer, train_pairs, max_len, cfg.train_file or f"{cfg.dataset} ({cfg.split})")
     eval_pairs = _eval_pairs(cfg)
-    eval_data = data_lib.encode_pairs(lm.tokenizer, eval_pairs, max_len, what="the validation data") \
-        if eval_pairs else None
+    eval_data = _encode(lm.tokenizer, eval_pairs, max_len, "the validation data") if eval_pairs else None
     return lm, train_data, eval_data, max_len
+
+
+_TOO_LONG = "sequence-length-is-longer-than-the-specified-maximum"  # transformers' key for its warning
+
+
+def _encode(tokenizer, pairs, max_len: int, what: str):
+    """`hsd_jax.data.encode_pairs`, with one note saying how many pairs did not fit `max_len`
+    tokens and so had their sources cut from the end (a target is never cut: one that cannot
+    fit is an error). The note replaces transformers' warning about such a text, which speaks
+    of indexing errors that the cut prevents."""
+    import jax
+
+    warned = getattr(tokenizer, "deprecation_warnings", None)  # transformers shows it once per tokenizer
+    warned = warned if isinstance(warned, dict) else {}
+    before = warned.get(_TOO_LONG)
+    warned[_TOO_LONG] = True  # as if shown already
+    try:
+        encoded = data_lib.encode_pairs(tokenizer, pairs, max_len, what=what)
+    finally:
+        if before is None:
+            warned.pop(_TOO_LONG)
+        else:
+            warned[_TOO_LONG] = before
+    cut = _cut_sources(tokenizer, pairs, encoded)
+    if cut and jax.process_index() == 0:
+        print(f"note: {cut} of the {len(pairs):,} pairs in {what} {'does' if cut == 1 else 'do'} not fit the "
+              f"{max_len}-token context (--max-length, at most the model's), so the end of "
+              f"{'its source is' if cut == 1 else 'their sources are'} cut to fit; the target is kept whole",
+              file=sys.stderr)
+    return encoded
+
+
+def _cut_sources(tokenizer, pairs, encoded) -> int:
+    """How many rows had their source cut: of the rows that fill the context, those whose
+    prompt decodes to less than the whole prompt text."""
+    count = 0
+    for i in np.flatnonzero(encoded.lengths == encoded.max_len):
+        prompt = encoded.tokens[i][: encoded.prompt_lens[i]].tolist()
+        shown = tokenizer.decode(prompt, clean_up_tokenization_spaces=False)
+        count += len(shown) < len(data_lib.format_source(pairs[i][0]))
+    return count
 
 
 # ---------------------------------------------------------------- batches

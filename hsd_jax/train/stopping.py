@@ -1,11 +1,14 @@
-"""How a run stops: Ctrl-C and SIGTERM deferred to the end of a step or a save, and a
-failure (a signal, a full disk) turned into one line naming the checkpoint --resume continues from.
+"""How a run stops: Ctrl-C and SIGTERM deferred to the end of a step or a save, every
+checkpoint save confirmed (`_Saves`), and a failure (a signal, a save or the model not
+written, a full disk) turned into one line naming the checkpoint --resume continues from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,22 +20,133 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message names the intact checkpoint a `--resume` continues from."""
 
 
-_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+class SaveFailed(Exception):
+    """A checkpoint that was not written: Orbax's save raised, at once or in its background threads."""
+
+    def __init__(self, step: int, cause: BaseException | None):
+        super().__init__(f"the checkpoint of step {step} was not written")
+        self.step, self.cause = step, cause
+
+
+class ExportFailed(Exception):
+    """The model folder was not written (`_export`); the checkpoints are untouched."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__("the model was not written")
+        self.cause = cause
+
+
+class _Saves:
+    """Orbax saves of the training state, each confirmed. A save writes in Orbax's background
+    threads while training goes on, and a failure there is only logged, so a run that did not
+    check would carry on for steps believing it had a checkpoint. `check`, called every step,
+    notices the moment a save has ended without its checkpoint and raises `SaveFailed`."""
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.pending: int | None = None  # the step of the save under way
+
+    def save(self, step: int, state) -> None:
+        import orbax.checkpoint as ocp
+
+        self.check(wait=True)  # Orbax waits for it anyway, and would report its failure as this save's
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state))
+        except Exception as err:
+            raise SaveFailed(step, err) from err
+        self.pending = step
+
+    def check(self, wait: bool = False) -> None:
+        """Raises `SaveFailed` if the save under way has ended without its checkpoint; with
+        `wait`, waits for it to end first."""
+        if self.pending is None or (not wait and self.manager.is_saving_in_progress()):
+            return
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise SaveFailed(step, err) from err
+        self.manager.reload()
+        if step not in self.manager.all_steps():  # some failures Orbax logs and does not raise
+            raise SaveFailed(step, None)
+
+
+@contextlib.contextmanager
+def _export_failures():
+    """A write failure while the model folder is written (safetensors', the tokenizer's or
+    ours) becomes `ExportFailed`: the checkpoints are intact, and --resume writes the model."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        raise ExportFailed(err) from err
+
+
+def _close(manager) -> None:
+    """Joins Orbax's writer threads, so none is cut off at exit. By then every save was
+    confirmed (`_Saves.check`), or the run is ending on a failure already reported, which
+    Orbax may raise again here: nothing new, so it is not raised twice."""
+    with _orbax_failures_unlogged(), contextlib.suppress(Exception):
+        manager.close()
+
+
+@contextlib.contextmanager
+def _orbax_failures_unlogged():
+    """Orbax logs a failed save's traceback (several, from its threads) before raising it,
+    and TensorStore's threads print more; the run reports the failure itself, in one line
+    (`_failures_explained`), so those are dropped while the block runs. Orbax's other
+    messages, and every other unraisable exception, pass."""
+    import logging
+
+    def keep(record) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+    # When a write fails, Orbax stops waiting and closes the event loop it ran the save in;
+    # TensorStore's other writes of that save then end (on a full disk, failing too) and call
+    # back into the closed loop from their threads: one "RuntimeError: Event loop is closed"
+    # for each, dozens, that Python reports as unraisable (a traceback on stderr).
+    previous = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+        if sys.unraisablehook is unraisable:
+            sys.unraisablehook = previous
 
 
 @contextlib.contextmanager
 def _failures_explained(out: Path, manager):
-    """Ctrl-C and a full disk end a run in one line naming the checkpoint --resume continues from."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {_resume_hint(out, manager)}") from None
-    except Exception as err:
-        full = _disk_full(err)
-        if full is None:
-            raise
-        raise HsdError(f"no space left writing to {out} ({full.strerror or full}); free some space: "
-                       f"{_resume_hint(out, manager)}") from None
+    """Ctrl-C, a checkpoint or model not written and a full disk end a run in one line
+    naming what is safe (the last intact checkpoint) and the command that continues."""
+    with _orbax_failures_unlogged():  # also while the line is made: `_intact_step` waits on the failed save
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {_resume_hint(out, manager)}") from None
+        except SaveFailed as err:
+            full = _disk_full(err.cause)
+            reason = full or _first_line(err.cause) or "Orbax logged why"
+            raise HsdError(f"could not write the checkpoint of step {err.step} to {out / CHECKPOINTS} ({reason}); "
+                           f"{_resume_hint(out, manager, 'free some space' if full else None)}") from None
+        except ExportFailed as err:
+            full = _disk_full(err.cause)
+            hint = _resume_hint(out, manager, "free some space" if full else None, "writes the model from it")
+            raise HsdError(f"could not write the model to {out} ({full or _first_line(err.cause)}); {hint}") from None
+        except Exception as err:
+            full = _disk_full(err)
+            if full is None:
+                raise
+            raise HsdError(f"no space left writing to {out} ({full}); "
+                           f"{_resume_hint(out, manager, 'free some space')}") from None
 
 
 @contextlib.contextmanager
@@ -83,23 +197,47 @@ def _signals_deferred(note: str | None = None):
         replay(caught[0])
 
 
-def _disk_full(err: BaseException | None) -> OSError | None:
-    """The ENOSPC / EDQUOT error behind `err`, if any (a writer's error may come wrapped)."""
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# The same errors as other writers word them: TensorStore under Orbax raises a ValueError
+# ("RESOURCE_EXHAUSTED ... [os_error_code='28']"), safetensors a SafetensorError ("No space
+# left on device (os error 28)").
+_DISK_FULL_TEXT = {code: re.compile(rf"os_error_code='?{code}\b|os error {code}\b|\[Errno {code}\]|"
+                                    + re.escape(os.strerror(code))) for code in _DISK_FULL}
+
+
+def _disk_full(err: BaseException | None) -> str | None:
+    """"No space left on device" (or the quota's words) when a full disk is behind `err`,
+    whichever library raised it and however it came wrapped; None otherwise."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, OSError) and err.errno in _DISK_FULL:
-            return err
+            return os.strerror(err.errno)
+        for code, text in _DISK_FULL_TEXT.items():
+            if text.search(str(err)):
+                return os.strerror(code)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
 
 
-def _resume_hint(out: Path, manager) -> str:
+def _first_line(err: BaseException | None) -> str:
+    """`err` as one line: its type and the first line of its message (library errors run long)."""
+    if err is None:
+        return ""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+
+
+def _resume_hint(out: Path, manager, first: str | None = None, then: str = "continues from it") -> str:
+    """What is safe and the command that continues: the last intact checkpoint, and what
+    --resume does with it (`then`), after `first` (what to do before, e.g. free some space)."""
     step = _intact_step(manager)
     if step is None:
-        return f"no checkpoint was written yet, and --resume --output {out} starts again from step 0"
-    return (f"the last intact checkpoint is step {step} ({out / CHECKPOINTS / str(step)}), "
-            "and --resume continues from it")
+        safe, resume = "no checkpoint was written yet", f"--resume --output {out} starts again from step 0"
+    else:
+        safe, resume = f"the last intact checkpoint is step {step} ({out / CHECKPOINTS / str(step)})", f"--resume {then}"
+    return f"{safe}; {first}, then {resume}" if first else f"{safe}, and {resume}"
 
 
 def _intact_step(manager) -> int | None:
