@@ -178,5 +178,7 @@ def test_phi_config_in_the_older_flat_format(tmp_path, phi_dir):
 
 def test_hub_id_that_cannot_be_fetched_gives_one_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HsdError, match="could not fetch 'no-such-user/no-such-model' from the Hugging Face hub"):
+    # offline, the one line says why the hub was not asked and how to do without it
+    with pytest.raises(HsdError, match="HF_HUB_OFFLINE is set and 'no-such-user/no-such-model' is not in the hub "
+                                       "cache .*pass a local model folder, or unset HF_HUB_OFFLINE"):
         hsd_jax.load("no-such-user/no-such-model")
