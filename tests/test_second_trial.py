@@ -503,3 +503,15 @@ def test_the_cli_without_torch_does_not_print_transformers_advice():
                             env={**env, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert "PyTorch was not found" not in result.stderr
+
+
+def test_with_hf_hub_offline_set_a_dataset_error_does_not_advise_setting_it(monkeypatch):
+    """datasets reports offline mode as a ConnectionError whose text alone names it; the line
+    must not tell a user who set HF_HUB_OFFLINE=1 to set it."""
+    from hsd_jax import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = ConnectionError("Couldn't reach 'tuetschek/e2e_nlg' on the Hub (OfflineModeIsEnabled)")
+    line = str(hub.explain(err, "tuetschek/e2e_nlg split 'test'", "pass a local --eval-file"))
+    assert line.startswith("HF_HUB_OFFLINE is set and tuetschek/e2e_nlg split 'test' is not in the hub cache")
+    assert "set HF_HUB_OFFLINE=1" not in line and "pass a local --eval-file" in line
