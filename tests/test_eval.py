@@ -282,3 +282,13 @@ def test_a_blind_run_scored_later_matches_the_scored_run(model, dev, tmp_path):
     metrics = ("R-1", "R-2", "R-L", "BLEU-1")
     assert [[r[m] for m in metrics] for r in got] == [[r[m] for m in metrics] for r in want]
     assert (rescored / "quality_vs_layers.png").exists()
+
+
+def test_blind_refuses_the_flags_that_only_scoring_reads(model, tmp_path, capsys):
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"source": "cat mat sit"}) + "\n")
+    out = tmp_path / "blind"
+    assert main(["eval", "--model", str(model), "--eval-file", str(inputs), "--blind", "--metric", "BLEU-1",
+                 "--output", str(out)]) == 2
+    assert "--blind scores nothing, so --metric would be ignored" in capsys.readouterr().err
+    assert not out.exists()

@@ -77,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
     from hsd_jax import distributed
     from hsd_jax.evaluate import MANIFEST, RESULTS
 
+    scoring = [flag for flag, given in (("--metric", args.metric != "R-L"), ("--bertscore-model", args.bertscore_model),
+                                        ("--bertscore-layers", args.bertscore_layers is not None)) if given]
+    if args.blind and scoring:
+        raise HsdError(f"--blind scores nothing, so {', '.join(scoring)} would be ignored; leave it out, and score "
+                       "the run once references exist (eval/score_blind.py)")
     if args.limit is not None and args.limit < 1:
         raise HsdError(f"--limit must be at least 1, got {args.limit}; leave it out to evaluate every source")
     for flag in ("num_beams", "max_new_tokens", "batch_size"):
