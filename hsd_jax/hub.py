@@ -163,7 +163,9 @@ def explain(err: BaseException, what: str, fix: str) -> HsdError:
     (e.g. "pass a local folder as --model"). A hub that did not answer in time, or could not
     be reached, gets the offline advice: HF_HUB_OFFLINE=1 for files already in the cache."""
     first_line = (str(err).splitlines() or [""])[0]  # hub errors add paragraphs of advice: one line here
-    if offline() and not _silent:  # the hub was never asked (datasets says so only in its message's text)
+    if offline() and not _silent and any(type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+                                         or "OfflineModeIsEnabled" in str(e)  # datasets names it in its text
+                                         for e in _chain(err)):  # the hub was not asked: the cache had no copy
         return HsdError(f"HF_HUB_OFFLINE is set and {what} is not in the hub cache ({type(err).__name__}: "
                         f"{first_line}); {fix}, or unset HF_HUB_OFFLINE to fetch it")
     if _silent or unreachable(err):
