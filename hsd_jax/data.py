@@ -268,10 +268,13 @@ _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation
 
 
 def shared_data_dir() -> Path | None:
-    """$HSD_DATA_DIR, else ../shared/data next to the project (or the working directory)."""
+    """$HSD_DATA_DIR, else ../shared/data next to the project (or the working directory).
+    A $HSD_DATA_DIR that is not a folder is not passed over for another copy: the user asked
+    for that one (the hub is tried, and its error names the variable)."""
     env = os.environ.get("HSD_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     return next((c for c in candidates if c.is_dir()), None)
 
 

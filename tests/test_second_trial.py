@@ -515,3 +515,16 @@ def test_with_hf_hub_offline_set_a_dataset_error_does_not_advise_setting_it(monk
     line = str(hub.explain(err, "tuetschek/e2e_nlg split 'test'", "pass a local --eval-file"))
     assert line.startswith("HF_HUB_OFFLINE is set and tuetschek/e2e_nlg split 'test' is not in the hub cache")
     assert "set HF_HUB_OFFLINE=1" not in line and "pass a local --eval-file" in line
+
+
+def test_an_hsd_data_dir_that_is_not_a_folder_is_not_passed_over(monkeypatch, tmp_path):
+    """HSD_DATA_DIR=/nonexistent used to fall back to ../shared/data silently and train on it."""
+    from hsd_jax import data
+    from hsd_jax.errors import HsdError
+
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("HSD_DATA_DIR", str(missing))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.shared_data_dir() is None
+    with pytest.raises(HsdError, match=f"it is {missing}, which is not a folder"):
+        data.load_dataset_pairs("common_gen", "train")
