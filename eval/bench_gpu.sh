@@ -12,8 +12,8 @@
 # Then self-speculative greedy decoding (`draft=`, docs/methods.md), the speculative-gpu
 # suite: a trained model's vanilla compiled greedy against HSD / SkipDecode drafts x k = 1..4,
 # batch 1 and 32, in the same rounds (runs/bench/gpu-speculative.json). The model is
-# $SPEC_MODEL, by default the offline demo's (hsd-jax-demo/model), which the script trains
-# first when it is absent (`hsd-jax demo`: ~3.5 min on 2 CPU cores). Sized for under 4
+# $SPEC_MODEL, by default the offline demo's plain model (hsd-jax-demo/plain/model), which the
+# script trains first when it is absent (`hsd-jax demo`: ~4 min on 2 CPU cores). Sized for under 4
 # more minutes (`--max-seconds 150`, `timeout 230`), training apart.
 #
 # With several GPUs visible, last, data-parallel decoding (the devices-gpu suite): compiled
@@ -37,7 +37,7 @@ status=0
 timeout --signal=INT 470 "$PY" -m hsd_jax.cli bench --suite gpu --max-seconds 330 \
   --json runs/bench/gpu.json "$@" || status=$?
 
-SPEC_MODEL="${SPEC_MODEL:-hsd-jax-demo/model}"
+SPEC_MODEL="${SPEC_MODEL:-hsd-jax-demo/plain/model}"
 spec_args=()  # the extra arguments but --json, which names the first run's file
 skip=0
 for a in "$@"; do

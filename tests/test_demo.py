@@ -54,7 +54,7 @@ def test_both_models_are_evaluated_on_the_same_rows_and_compared(smoke):
 
     specs = [r["spec"] for r in rows(out / PLAIN)]
     assert specs == [r["spec"] for r in rows(out / AWARE)]
-    assert len(specs) == len(schedules(SMOKE)) and set(paper_hsd(SMOKE)) <= set(specs)
+    assert len(specs) == len(schedules(SMOKE, family)) and set(paper_hsd(SMOKE)) <= set(specs)
     for label in (PLAIN, AWARE):
         vanilla, *skipping = rows(out / label)
         assert vanilla["avg_layers"] == SMOKE.layers
