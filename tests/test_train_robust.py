@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -292,8 +293,11 @@ def test_a_save_failing_in_orbax_s_background_thread_stops_the_run_in_one_line(m
 
     commit = async_checkpointer._background_wait_for_commit_futures
 
+    failing: list = []  # the background thread of the step-4 save
+
     def full_disk_at_step_4(directory, commit_futures, *args, **kwargs):
         if Path(str(directory)).name == "4":
+            failing.append(threading.current_thread())
             for writer in commit_futures:  # as TensorStore's failed writes end, before the error reaches here
                 writer.result()
             raise ValueError(ORBAX_FULL_DISK.format(directory))
@@ -310,8 +314,11 @@ def test_a_save_failing_in_orbax_s_background_thread_stops_the_run_in_one_line(m
 
         def step(*a):
             calls.append(1)
-            if len(calls) == 5:
-                time.sleep(1)  # the step-4 save has failed by the time step 5 is dispatched
+            if len(calls) == 5:  # the step-4 save has failed by the time step 5 is dispatched
+                deadline = time.monotonic() + 120  # however loaded the machine (a fixed sleep was not)
+                while not failing and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                failing[0].join(timeout=max(0.0, deadline - time.monotonic()))
             return train_step(*a)
 
         return tx, schedule, step, eval_step
