@@ -85,7 +85,7 @@ FULL = DemoSize(num_train=3000, num_dev=40, refs_per_dev=8, layers=12, width=64,
                 eval_batch_size=40)
 # Under a minute, for the tests: the same pipeline on a sliver of it.
 SMOKE = DemoSize(num_train=400, num_dev=6, refs_per_dev=2, layers=12, width=32, heads=2, vocab=1024,
-                 epochs=4, batch_size=16, learning_rate=3e-3, max_length=96, aware_pairs=400, aware_epochs=1,
+                 epochs=2, batch_size=16, learning_rate=3e-3, max_length=96, aware_pairs=200, aware_epochs=1,
                  aware_batch_size=16, aware_learning_rate=1e-3, aware_weight=0.6, max_new_tokens=24,
                  eval_batch_size=6)
 
