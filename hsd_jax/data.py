@@ -15,6 +15,9 @@ cut, and one that cannot fit is an error.
 Sources of pairs: a dataset name from `DATASETS` (read from the shared data folder
 when it holds that split, else from the Hugging Face hub through `datasets`), or a
 local `.jsonl` / `.json` / `.csv` / `.tsv` file with a source and a target field.
+A split name may end in `:selection` or `:report` (`validation:selection`): one fixed
+half of that split's sources, by `holdout_half`, so that recipe choices made on one
+half are reported on the other.
 
 Batches are length-bucketed: rows are shuffled per epoch (seeded by seed and epoch),
 sorted by length within chunks of `BUCKET_CHUNK` batches, cut into batches, and the
@@ -267,6 +270,36 @@ DATASETS: dict[str, DatasetSpec] = {
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
 
 
+# ---------------------------------------------------------------- held-out halves
+
+HALVES = ("selection", "report")
+
+
+def holdout_half(source: str) -> str:
+    """The half of a held-out split that `source` belongs to: "selection" (every recipe
+    decision is made on it) or "report" (scored once, at the end). The rule is fixed and
+    needs no list: the first bit of the SHA-256 of the source's words, sorted and joined
+    by one space, so that a CommonGen concept set falls in the same half whatever the
+    order of its concepts (the shared files list them alphabetically, the hub as written).
+    Every reference of a source goes with it."""
+    key = " ".join(sorted(source.split()))
+    return HALVES[hashlib.sha256(key.encode("utf-8")).digest()[0] & 1]
+
+
+def _split_and_half(split: str) -> tuple[str, str | None]:
+    """("validation", "report") for "dev:report"; the half is None for a whole split."""
+    base, colon, half = split.partition(":")
+    if colon and half not in HALVES:
+        raise HsdError(f"split {split!r}: after ':' comes one of {', '.join(HALVES)} "
+                       f"(e.g. validation:selection), not {half!r}")
+    base = _SPLIT_ALIASES.get(base, base)
+    return base, (half if colon else None)
+
+
+def _in_half(items: list, half: str | None, source=lambda item: item) -> list:
+    return items if half is None else [item for item in items if holdout_half(source(item)) == half]
+
+
 def shared_data_dir() -> Path | None:
     """$HSD_DATA_DIR, else ../shared/data next to the project (or the working directory).
     A $HSD_DATA_DIR that is not a folder is not passed over for another copy: the user asked
@@ -286,14 +319,15 @@ def load_dataset_pairs(name: str, split: str = "train", file_flag: str = "--trai
         raise HsdError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. "
                        f"For other data pass {file_flag} FILE.jsonl|.csv with --source-field/--target-field")
     spec = DATASETS[name]
-    split = _SPLIT_ALIASES.get(split, split)
+    split, half = _split_and_half(split)
     root = shared_data_dir()
     if spec.local is not None and root is not None:
         pairs = spec.local(root, split)
         if pairs is not None:
-            return pairs
+            return _in_half(pairs, half, lambda pair: pair[0])
     rows = _hub_rows(spec, split, _offline_fix(spec, root, file_flag))
-    return _pairs_from_rows(rows, spec.source_field, spec.target_field, f"{spec.hub_id} ({split})")
+    pairs = _pairs_from_rows(rows, spec.source_field, spec.target_field, f"{spec.hub_id} ({split})")
+    return _in_half(pairs, half, lambda pair: pair[0])
 
 
 def load_dataset_sources(name: str, split: str = "test", file_flag: str = "--eval-file") -> list[str]:
@@ -304,15 +338,15 @@ def load_dataset_sources(name: str, split: str = "test", file_flag: str = "--eva
         raise HsdError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. "
                        f"For other data pass {file_flag} FILE.jsonl|.csv with --source-field")
     spec = DATASETS[name]
-    split = _SPLIT_ALIASES.get(split, split)
+    split, half = _split_and_half(split)
     root = shared_data_dir()
     if root is not None:
         if spec.local_sources is not None and (sources := spec.local_sources(root, split)) is not None:
-            return sources
+            return _in_half(sources, half)
         if spec.local is not None and (pairs := spec.local(root, split)) is not None:
-            return list(dict.fromkeys(source for source, _ in pairs))
+            return _in_half(list(dict.fromkeys(source for source, _ in pairs)), half)
     rows = _hub_rows(spec, split, _offline_fix(spec, root, file_flag))
-    return _sources_from_rows(rows, spec.source_field, f"{spec.hub_id} ({split})")
+    return _in_half(_sources_from_rows(rows, spec.source_field, f"{spec.hub_id} ({split})"), half)
 
 
 def read_sources(path: str | os.PathLike, source_field: str | None = None) -> list[str]:

@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="common_gen, e2e_nlg, xsum, cnn_dailymail or healthcaremagic")
     src.add_argument("--eval-file", type=Path, help=".jsonl/.json/.csv/.tsv file of source/target pairs")
-    p.add_argument("--split", default="validation", help="dataset split (default: validation)")
+    p.add_argument("--split", default="validation",
+                   help="dataset split (default: validation); SPLIT:selection or SPLIT:report keeps one fixed "
+                   "half of its sources (hsd_jax.data.holdout_half): choose recipes on one, report the other")
     p.add_argument("--source-field", default=None, help="source field of --eval-file (default: source)")
     p.add_argument("--target-field", default=None, help="target field of --eval-file (default: target)")
     p.add_argument("--schedules", nargs="+", default=["paper"], metavar="SPEC",

@@ -1,0 +1,73 @@
+"""The selection / report halves of a held-out split (issue 37's protocol): a fixed rule,
+independent of concept order, that splits every source with all its references."""
+
+import hashlib
+
+import pytest
+
+from hsd_jax import data
+from hsd_jax.errors import HsdError
+from tests.conftest import needs_shared_data
+
+
+def test_half_is_the_first_bit_of_the_sorted_words_hash():
+    # The rule written out independently: a change to it changes every reported figure.
+    for source in ["dog frisbee catch throw", "field look stand", "a", "name[x] food[Thai]"]:
+        key = " ".join(sorted(source.split())).encode()
+        expected = "report" if hashlib.sha256(key).digest()[0] % 2 else "selection"
+        assert data.holdout_half(source) == expected
+
+
+def test_half_ignores_concept_order_and_spacing():
+    assert data.holdout_half("throw dog  catch frisbee") == data.holdout_half("catch dog frisbee throw")
+
+
+def test_both_halves_occur_and_partition():
+    sources = [f"word{i} other{i * 7}" for i in range(400)]
+    halves = [data.holdout_half(s) for s in sources]
+    assert 150 < halves.count("selection") < 250 and halves.count("report") == 400 - halves.count("selection")
+
+
+def test_unknown_half_is_refused_naming_the_halves():
+    with pytest.raises(HsdError, match="selection, report") as caught:
+        data.load_dataset_pairs("common_gen", "validation:test")
+    assert "validation:selection" in str(caught.value)
+
+
+def test_local_file_halves(tmp_path, monkeypatch):
+    # A data folder of the shared layout, so the halves are taken from the local reader.
+    root = tmp_path / "data"
+    (root / "commongen").mkdir(parents=True)
+    sets = [f"c{i} d{i} e{i}" for i in range(60)]
+    src = [s for s in sets for _ in range(3)]
+    tgt = [f"sentence {i} {j}" for i in range(60) for j in range(3)]
+    (root / "commongen" / "commongen.dev.src_alpha.txt").write_text("\n".join(src) + "\n")
+    (root / "commongen" / "commongen.dev.tgt.txt").write_text("\n".join(tgt) + "\n")
+    monkeypatch.setenv("HSD_DATA_DIR", str(root))
+    whole = data.load_dataset_pairs("common_gen", "validation")
+    selection = data.load_dataset_pairs("common_gen", "dev:selection")
+    report = data.load_dataset_pairs("common_gen", "validation:report")
+    assert sorted(selection + report) == sorted(whole)
+    assert all(data.holdout_half(s) == "selection" for s, _ in selection)
+    assert all(data.holdout_half(s) == "report" for s, _ in report)
+    # every reference stays with its source
+    assert all(sum(s == source for s, _ in selection + report) == 3 for source in sets)
+    assert data.load_dataset_sources("common_gen", "validation:report") == \
+        [s for s in dict.fromkeys(src) if data.holdout_half(s) == "report"]
+
+
+@needs_shared_data
+def test_commongen_dev_halves_are_balanced():
+    pairs = data.load_dataset_pairs("common_gen", "validation")
+    sources = set(s for s, _ in pairs)
+    selection = set(s for s, _ in data.load_dataset_pairs("common_gen", "validation:selection"))
+    report = set(s for s, _ in data.load_dataset_pairs("common_gen", "validation:report"))
+    assert selection | report == sources and not selection & report
+    assert (len(selection), len(report)) == (496, 497)  # 993 concept sets
+
+
+def test_hub_concept_lists_fall_in_the_same_half():
+    # The hub gives concepts as a list in written order; the shared files alphabetically.
+    rows = [{"concepts": ["throw", "dog", "frisbee"], "target": "A dog throws."}]
+    (source, _), = data._pairs_from_rows(rows, "concepts", "target", "rows")
+    assert data.holdout_half(source) == data.holdout_half("dog frisbee throw")
