@@ -2,6 +2,7 @@
 independent of concept order, that splits every source with all its references."""
 
 import hashlib
+import json
 
 import pytest
 
@@ -71,3 +72,47 @@ def test_hub_concept_lists_fall_in_the_same_half():
     rows = [{"concepts": ["throw", "dog", "frisbee"], "target": "A dog throws."}]
     (source, _), = data._pairs_from_rows(rows, "concepts", "target", "rows")
     assert data.holdout_half(source) == data.holdout_half("dog frisbee throw")
+
+
+def test_holdout_report_scores_each_half_against_its_own_vanilla(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    root = tmp_path / "data"
+    (root / "commongen").mkdir(parents=True)
+    sets = [f"c{i} d{i} e{i}" + (" f" if i % 3 == 0 else "") for i in range(40)]
+    (root / "commongen" / "commongen.dev.src_alpha.txt").write_text("\n".join(sets) + "\n")
+    (root / "commongen" / "commongen.dev.tgt.txt").write_text("\n".join(f"the c{i} and d{i}" for i in range(40)) + "\n")
+    monkeypatch.setenv("HSD_DATA_DIR", str(root))
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    rows = [{"method": "Vanilla", "spec": "vanilla", "avg_layers": 12.0},
+            {"method": "Same", "spec": "hsd:s=1,min=0,max=4,T=72", "avg_layers": 6.0},
+            {"method": "Report wrong", "spec": "hsd:s=2,min=0,max=4,T=72", "avg_layers": 5.0}]
+    (run / "results.json").write_text(json.dumps({"rows": rows}))
+    from hsd_jax.evaluate import _predictions_path
+
+    def write(spec, predictions):
+        lines = [json.dumps({"source": s, "prediction": p, "references": []}) for s, p in zip(sets, predictions)]
+        _predictions_path(run, spec).write_text("\n".join(lines) + "\n")
+
+    good = [f"the c{i} and d{i}" for i in range(40)]
+    write("vanilla", good)
+    write(rows[1]["spec"], good)
+    write(rows[2]["spec"], [g if data.holdout_half(s) == "selection" else "nothing" for s, g in zip(sets, good)])
+    spec = importlib.util.spec_from_file_location("holdout_report", Path(__file__).parents[1] / "eval" / "holdout_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(run), "--output", str(tmp_path / "out.md")]) == 0
+    table = (tmp_path / "out.md").read_text()
+    same = next(line for line in table.splitlines() if line.startswith("| Same"))
+    wrong = next(line for line in table.splitlines() if line.startswith("| Report wrong"))
+    assert same.count("(100.0%)") == 4  # both halves and both sizes
+    cells = [c.strip() for c in wrong.split("|")[3:5]]
+    assert cells[0] == "100.00 (100.0%)" and cells[1] == "0.00 (0.0%)"
+    # a prediction file for other sources is refused, not scored
+    write(rows[1]["spec"], good)
+    lines = _predictions_path(run, rows[1]["spec"]).read_text().splitlines()
+    _predictions_path(run, rows[1]["spec"]).write_text("\n".join(reversed(lines)) + "\n")
+    with pytest.raises(SystemExit, match="not for source"):
+        module.main([str(run)])
