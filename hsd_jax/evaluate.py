@@ -173,6 +173,7 @@ def evaluate_to_folder(
     devices: int | None = None,
     split_processes: bool = False,
     truncate_sources: bool = False,
+    provenance: dict | None = None,
 ) -> list[EvalResult]:
     """Runs the evaluation into `output`: results.json, table.md, the plot and one predictions
     file per schedule, all rewritten (atomically) after every finished row.
@@ -186,7 +187,8 @@ def evaluate_to_folder(
 
     `references=None` makes the run blind (see the module doc): manifest.json in place of
     results.json, the table without scores and no plot; predictions files as with
-    `predictions_only`.
+    `predictions_only`. `provenance` (the weights' hash, where and when it ran) goes into the
+    manifest as given, beside "model", and is not compared on --resume.
 
     `devices`, `split_processes` and `truncate_sources` as in `iter_evaluate`. Split over
     several processes, process 0 alone reads and writes `output` (and needs the
@@ -236,8 +238,8 @@ def evaluate_to_folder(
         if blind:  # each row names its predictions file, relative to the manifest
             rows = [{**r.row(), "predictions": _predictions_path(out, r.spec).relative_to(out).as_posix()}
                     for r in ordered]
-            write_json(out / MANIFEST, {"model": settings.get("model"), **record, "complete": complete,
-                                        "rows": rows})
+            write_json(out / MANIFEST, {"model": settings.get("model"), **(provenance or {}), **record,
+                                        "complete": complete, "rows": rows})
         else:
             write_json(out / RESULTS, {**record, "complete": complete, "rows": [r.row() for r in ordered]})
             plot_quality_vs_layers(ordered, out / PLOT, metric=metric, title=title)
