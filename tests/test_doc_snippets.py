@@ -364,7 +364,7 @@ def test_relative_links_lead_to_files_and_headings():
                 continue
             if in_code:
                 continue
-            for target in LINK.findall(re.sub(r"(?<!\[)`[^`]*`(?!\])", "", line)):
+            for target in LINK.findall(re.sub(r"`[^`]*`", "code", line)):  # a code span is no link
                 if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
                     continue
                 file_part, _, anchor = target.partition("#")
