@@ -59,11 +59,43 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, bool)
     ctx = context(cache, attention_mask)
-    h = fam.embed(params, tokens, ctx.positions, config)
+    ck, cv = (None, None) if cache is None else (cache.k, cache.v)
+    h, k, v = _layers(params, config, fam.embed(params, tokens, ctx.positions, config), ctx, ck, cv, active)
+    if cache is not None:
+        cache = cache.write_all(k, v).advance(attention_mask)
+    return fam.head(params, h[:, -1:] if last_only else h, config), cache
+
+
+def draft_forward(params, config: ModelConfig, tokens, attention_mask, active):
+    """Teacher-forced logits of the full model and of a self-speculative draft.
+
+    The draft of token t + 1 (`hsd_jax.speculative`, k = 1) runs the schedule's layers for
+    position t over the *full model's* K/V of positions before t, the verified prefix;
+    `forward(active=...)` instead gives every position the schedule, so earlier
+    positions' K/V come from skipped layers too (plain skip decoding). Here the full
+    pass runs first and its K/V, held fixed, are what each draft position attends to,
+    beside its own K/V (`Context.draft_view`). tokens, attention_mask: (B, T); active:
+    (L, B, T) bool. Returns float32 logits (B, T, V), full then draft.
+    """
+    fam = family(config)
+    ctx = context(None, attention_mask)
+    h0 = fam.embed(params, tokens, ctx.positions, config)
+    h, k, v = _layers(params, config, h0, ctx, None, None, None)
+    k, v = jax.lax.stop_gradient((k, v))
+    view = ctx.replace(cache_valid=ctx.new_valid, draft_view=True)
+    draft, _, _ = _layers(params, config, h0, view, k, v, active)
+    return fam.head(params, h, config), fam.head(params, draft, config)
+
+
+def _layers(params, config: ModelConfig, h, ctx: Context, ck, cv, active):
+    """Every layer over hidden states h (B, T, D): (h, K, V). ck/cv: per layer, the keys
+    and values the new tokens attend to besides their own (a cache; see `Context`), or
+    None. K/V come back stacked (L, ...) in the stacked layout, a tuple in the decode one."""
+    fam = family(config)
 
     def layer(h, xs):
-        p, ck, cv, act = xs
-        out, k, v = fam.block(p, h, ctx, config, ck, cv)
+        p, k_in, v_in, act = xs
+        out, k, v = fam.block(p, h, ctx, config, k_in, v_in)
         if act is not None:
             out = jnp.where(act[..., None], out, h)
         return out, (k, v)
@@ -71,16 +103,15 @@ def forward(params, config: ModelConfig, tokens, attention_mask=None, cache: KVC
     if isinstance(params["layers"], (tuple, list)):  # the decode layout: the same layer, unrolled
         kvs = []
         for l, p in enumerate(params["layers"]):
-            h, kv_ = layer(h, (p, None if cache is None else cache.k[l], None if cache is None else cache.v[l],
+            h, kv_ = layer(h, (p, None if ck is None else ck[l], None if cv is None else cv[l],
                                None if active is None else active[l]))
             kvs.append(kv_)
         k, v = zip(*kvs)
-    else:
-        ck, cv = (None, None) if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
-        h, (k, v) = jax.lax.scan(layer, h, (params["layers"], ck, cv, active))
-    if cache is not None:
-        cache = cache.write_all(k, v).advance(attention_mask)
-    return fam.head(params, h[:, -1:] if last_only else h, config), cache
+        return h, k, v
+    if ck is not None and isinstance(ck, (tuple, list)):
+        ck, cv = jnp.stack(ck), jnp.stack(cv)
+    h, (k, v) = jax.lax.scan(layer, h, (params["layers"], ck, cv, active))
+    return h, k, v
 
 
 def run_layers(params, config: ModelConfig, h, ctx: Context, cache: KVCache, ops):

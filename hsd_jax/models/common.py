@@ -191,12 +191,18 @@ class Context:
 
     `cache_k`/`cache_v` are one layer's cache (None when there is no cache, as in a
     prefill or a training forward); `cache_valid` marks the slots a new token may see.
+
+    `draft_view` (a training forward of a self-speculative draft, `models.draft_forward`):
+    the "cache" is the full model's K/V of the same T positions, and the query at
+    position t sees those at positions before t and, of the new keys, only its own, as a
+    draft step sees the verified prefix.
     """
 
     positions: jax.Array  # (B, T) int32
     new_valid: jax.Array  # (B, T) bool: new token is real (not a pad)
     cache_valid: jax.Array | None = None  # (B, S) bool
     cache_beam: jax.Array | None = None  # (B, K, S) int32, `KVCache.beam_source`
+    draft_view: bool = struct.field(pytree_node=False, default=False)
 
 
 def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
@@ -210,7 +216,7 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
     """
     scale = q.shape[-1] ** -0.5
     t = q.shape[2]
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    causal = jnp.eye(t, dtype=bool) if ctx.draft_view else jnp.tril(jnp.ones((t, t), bool))
     new_mask = causal[None, None] & ctx.new_valid[:, None, None, :]  # (B, 1, T, T)
     scores = jnp.einsum("bhtd,bhud->bhtu", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(new_mask, scores, _MASKED)
@@ -221,7 +227,10 @@ def attend(q, k, v, ctx: Context, cache_k=None, cache_v=None) -> jax.Array:
         cache_scores = jnp.einsum("bhtd,bhsd->bhts", q, cache_k, preferred_element_type=jnp.float32)
     else:
         cache_scores = _beam_scores(q, cache_k, ctx.cache_beam)
-    cache_scores = jnp.where(ctx.cache_valid[:, None, None, :], cache_scores * scale, _MASKED)
+    cache_mask = ctx.cache_valid[:, None, None, :]  # (B, 1, 1, S)
+    if ctx.draft_view:  # slot s holds position s: a query sees the positions before its own
+        cache_mask = cache_mask & jnp.tril(jnp.ones((t, t), bool), k=-1)[None, None]
+    cache_scores = jnp.where(cache_mask, cache_scores * scale, _MASKED)
     probs = jax.nn.softmax(jnp.concatenate([cache_scores, scores], axis=-1), axis=-1).astype(v.dtype)
     s = cache_k.shape[2]
     new_part = jnp.einsum("bhtu,bhud->bhtd", probs[..., s:], v)

@@ -1,0 +1,87 @@
+"""The draft view (`models.draft_forward`): a teacher-forced forward whose skipping path
+computes, at every position, what a self-speculative draft step computes there — the
+schedule's layers over the full model's K/V of the verified prefix."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hsd_jax
+from hsd_jax import schedules
+from hsd_jax.models import KVCache, decode_layout, decode_step, draft_forward, forward
+from hsd_jax.train import skip_aware_active
+
+PROMPT = [5, 17, 3, 9]
+TARGET_LEN = 8
+
+
+def _draft_steps(params, config, tokens, positions, ops_per_position):
+    """What the draft step at each position q computes: the full model's K/V of
+    tokens[:q] (the verified prefix: one full prefill, of which the slots before q are
+    kept), then one decode step of tokens[q] under that position's layer ops."""
+    layout = decode_layout(params)
+    cache = KVCache.init(config, 1, len(tokens), jnp.float32)
+    _, cache = forward(layout, config, jnp.asarray([tokens], jnp.int32), None, cache)
+
+    @jax.jit
+    def step(q, token, ops):
+        prefix = cache.replace(valid=jnp.arange(len(tokens))[None] < q, index=q)
+        logits, _ = decode_step(layout, config, token[None], prefix, ops)
+        return logits[0]
+
+    return [np.asarray(step(jnp.int32(q), jnp.int32(tokens[q]), ops))
+            for q, ops in zip(positions, ops_per_position)]
+
+
+@pytest.mark.parametrize("spec", ["hsd:s=1,min=0,max=2,T=8", "skipdecode:min=1,max=3,T=8"])
+def test_draft_view_equals_the_draft_step_at_every_position(model_dir, spec):
+    lm = hsd_jax.load(model_dir, tokenizer=False)
+    config = lm.config
+    sched = schedules.schedule(spec, num_layers=config.num_layers, max_new_tokens=TARGET_LEN)
+    assert not sched.mask.all()
+    rng = np.random.default_rng(1)
+    tokens = PROMPT + rng.integers(0, config.vocab_size, TARGET_LEN).tolist()
+    width = len(tokens) + 2  # right padding, as in training batches
+    ids = np.zeros((1, width), np.int32)
+    ids[0, :len(tokens)] = tokens
+    attention = np.zeros_like(ids, bool)
+    attention[0, :len(tokens)] = True
+    loss = np.zeros_like(ids, bool)
+    loss[0, len(PROMPT):len(tokens)] = True
+    active = jnp.asarray(skip_aware_active(sched.mask, loss, config.num_layers))
+    full, draft = draft_forward(lm.params, config, jnp.asarray(ids), jnp.asarray(attention), active)
+    plain, _ = forward(lm.params, config, jnp.asarray(ids), jnp.asarray(attention))
+    np.testing.assert_allclose(np.asarray(full), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    ops = jnp.asarray(sched.layer_ops(), jnp.int32)
+    skip_decoded, _ = forward(lm.params, config, jnp.asarray(ids), jnp.asarray(attention), active=active)
+    differs_from_skip_decoding = False
+    positions = [len(PROMPT) + t for t in range(TARGET_LEN)]  # q holds target token t, runs row t
+    for q, expected in zip(positions, _draft_steps(lm.params, config, tokens, positions, ops[:TARGET_LEN])):
+        np.testing.assert_allclose(np.asarray(draft[0, q]), expected, rtol=1e-4, atol=1e-4)
+        differs_from_skip_decoding |= not np.allclose(np.asarray(skip_decoded[0, q]), expected, atol=1e-3)
+    # The prompt runs every layer: there the draft is the full model.
+    np.testing.assert_allclose(np.asarray(draft[0, :len(PROMPT)]), np.asarray(full[0, :len(PROMPT)]),
+                               rtol=1e-5, atol=1e-5)
+    # And the view matters: plain skip decoding (skipped K/V in the prefix too) differs.
+    assert differs_from_skip_decoding
+
+
+def test_no_gradient_reaches_the_draft_through_the_full_models_cache(gpt2_dir):
+    lm = hsd_jax.load(gpt2_dir, tokenizer=False)
+    config = lm.config
+    ids = jnp.asarray([[3, 4, 5, 6, 7, 8]], jnp.int32)
+    mask = jnp.ones_like(ids, bool)
+    active = jnp.zeros((config.num_layers, 1, 6), bool)  # the draft runs no layer at all
+
+    def draft_loss(params):
+        _, draft = draft_forward(params, config, ids, mask, active)
+        return jnp.sum(draft)
+
+    grads = jax.grad(draft_loss)(lm.params)
+    # With every layer skipped the draft reads only embeddings and head; the layers'
+    # weights reach it only through the full pass's K/V, which are held fixed.
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["layers"]))
+    assert float(jnp.abs(grads["wte"]).max()) > 0
