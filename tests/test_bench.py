@@ -49,10 +49,22 @@ def test_bench_command_runs_and_writes_json(tmp_path):
 
 def test_dry_run_of_the_gpu_suite_builds_tiny_cases():
     suites, schedules = bench.load_suites()
-    assert {"quick", "full", "gpu"} <= set(suites)
+    assert {"quick", "full", "gpu", "gpu-hf-static"} <= set(suites)
     cases = bench.build_cases(suites["gpu"], schedules, dry_run=True)
     assert {c.model for c in cases} == {"tiny-gpt2", "tiny-phi"}
-    assert all(c.dtype == "bfloat16" and "transformers" not in c.runners for c in cases)
+    assert all(c.dtype == "bfloat16" for c in cases)
+    # each setting: both models' transformers / vanilla / compiled schedules / CALM first, then
+    # both models' static-mode schedules (minutes to compile on a deep model), which the budget may skip
+    assert [(c.model, c.part, c.runners, c.schedule_runners, c.calm_depth) for c in cases] == [
+        ("tiny-gpt2", "", ("transformers", "compiled", "static"), ("compiled",), 0.5),
+        ("tiny-phi", "", ("transformers", "compiled", "static"), ("compiled",), 0.5),
+        ("tiny-gpt2", "static schedules", ("static",), ("static",), None),
+        ("tiny-phi", "static schedules", ("static",), ("static",), None)]
+    full = bench.build_cases(suites["gpu"], schedules)
+    assert [(c.model, c.batch, c.num_beams, c.part) for c in full[:4]] == [
+        ("gpt2-large", 1, 1, ""), ("phi-2", 1, 1, ""), ("gpt2-large", 1, 1, "static schedules"),
+        ("phi-2", 1, 1, "static schedules")]
+    assert all(c.prompt_len == 128 and c.new_tokens == 128 and c.estimate_seconds for c in full)
     quick = bench.build_cases(suites["quick"], schedules)
     assert [(c.model, c.prompt_len, c.batch, c.num_beams) for c in quick] == [("gpt2", 32, 1, 1), ("gpt2", 32, 1, 4)]
     assert quick[0].schedules and not quick[1].schedules
@@ -95,6 +107,96 @@ def test_bad_input():
     with pytest.raises(HsdError, match="unknown runner"):
         bench.build_cases(suites["quick"], schedules, runners=["jit"])
     assert main(["bench", "--suite", "nope"]) == 2
+
+
+def test_a_case_that_would_end_past_the_budget_is_skipped_and_listed(tmp_path):
+    case = bench.Case(model="tiny-gpt2", prompt_len=4, batch=1, new_tokens=3, runners=("compiled",),
+                      estimate_seconds=1e6)
+    result = bench.run_suite([case], 1, json_path=tmp_path / "r.json", max_seconds=60, log=lambda msg: None)
+    (rec,) = result["cases"]
+    assert rec["skipped"] and not rec["runs"] and "would end past --max-seconds 60" in rec["notes"][0]
+    assert "would end past" in bench.format_table(result)
+
+
+def test_control_flow_counts_from_hlo_text():
+    hlo = """HloModule m
+
+%branch_run (p: f32[]) -> f32[] {
+  ROOT %x = f32[] add(%p, %p)
+}
+
+%branch_skip (p: f32[]) -> f32[] {
+  ROOT %p2 = f32[] parameter(0)
+}
+
+%body (s: (s32[], f32[])) -> (s32[], f32[]) {
+  %c0 = f32[] conditional(s32[] %i, f32[] %h, f32[] %h), branch_computations={%branch_skip, %branch_run}
+  %c1 = f32[] conditional(s32[] %i, f32[] %c0, f32[] %c0), branch_computations={%branch_skip, %branch_run}
+  ROOT %t = (s32[], f32[]) tuple(%i, %c1)
+}
+
+%cond (s: (s32[], f32[])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main (a: f32[]) -> (s32[], f32[]) {
+  %w0 = (s32[], f32[]) while((s32[], f32[]) %init), condition=%cond, body=%body
+  ROOT %w1 = (s32[], f32[]) while((s32[], f32[]) %w0), condition=%cond, body=%cond
+}
+"""
+    assert bench.control_flow(hlo) == {"conditionals": 2, "whiles": 2, "top_level_whiles": 2,
+                                       "conditionals_per_step": 2}
+
+
+# --- a shared machine: other processes' load, and one thread count for both frameworks ---------
+
+
+def _busy_loops(n: int) -> list[subprocess.Popen]:
+    """n processes spinning on a core each, once each has said it started."""
+    procs = [subprocess.Popen([sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    return procs
+
+
+def test_a_busy_machine_makes_the_table_say_unreliable(tmp_path, capsys):
+    cores = os.cpu_count() or 1
+    assert bench.busy_machine_note({"before": 0.0, "after": 0.1}, threads=cores) is None  # quiet: no warning
+    loops = _busy_loops(cores)  # every core busy elsewhere through the case and both windows
+    try:
+        assert bench.other_load(0.5) >= 0.5 * cores
+        rc = main(["bench", "--model", "tiny-gpt2", "--prompt", "4", "--batch", "1", "--beams", "1", "--runners",
+                   "compiled", "--schedules", "--new-tokens", "3", "--repeats", "1", "--json", str(tmp_path / "b.json"),
+                   "--quiet"])
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "UNRELIABLE: other processes kept cores busy" in printed
+    (case,) = json.loads((tmp_path / "b.json").read_text())["cases"]
+    assert case["other_load"]["before"] >= 0.5 * cores and any("UNRELIABLE" in n for n in case["notes"])
+
+
+def test_both_frameworks_get_the_printed_thread_count(tmp_path):
+    """In a fresh process (XLA sizes its CPU pool when its backend starts): --threads 1 pins the
+    process to one CPU, which XLA's pool is sized by, and sets PyTorch's threads; the table's
+    first line prints the count each got, and transformers' run recorded the one it ran with."""
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "hsd_jax.cli", "bench", "--threads", "1", "--model", "tiny-gpt2",
+                           "--prompt", "4", "--batch", "1", "--beams", "1", "--runners", "transformers", "compiled",
+                           "--schedules", "--new-tokens", "3", "--repeats", "1", "--json", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "; threads: 1 (XLA CPU 1, PyTorch 1)" in proc.stdout.splitlines()[0]
+    result = json.loads(out.read_text())
+    env = result["environment"]
+    assert env["threads"] == env["xla_threads"] == env["torch_threads"] == 1
+    (hf,) = [r for r in result["cases"][0]["runs"] if r["runner"] == "transformers"]
+    assert hf["torch_threads"] == 1
 
 
 # --- the suites' targets: figures in the report, pass/fail here --------------------------

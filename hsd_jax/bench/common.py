@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -72,21 +73,32 @@ def random_model(arch: str, dtype: str = "float32", seed: int = 0):
     return LanguageModel(config=config, params=params, hf_config=hf, source=f"random {arch}")
 
 
-def torch_model(lm):
-    """The same weights in transformers' PyTorch model, for the baseline (float32, CPU)."""
+def torch_model(lm, device: str = "cpu"):
+    """transformers' PyTorch model of the same architecture, for the baseline: on the CPU the same
+    weights in float32; on a GPU its own random weights in the model's dtype, made on the device
+    (the speed does not depend on the values, and the copy through the host would cost minutes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from hsd_jax.checkpoint import tensors_from_params
 
     config = hf_config_from_dict(lm.hf_config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = {k: torch.from_numpy(np.array(v)) for k, v in tensors_from_params(lm.params, lm.config).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    missing = [m for m in missing if "lm_head" not in m]  # tied to wte for GPT-2
-    if missing or unexpected:
-        raise HsdError(f"weights did not map onto transformers' model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if device != "cpu":
+        import jax
+
+        torch.manual_seed(0)
+        dtype = getattr(torch, str(jax.tree.leaves(lm.params)[0].dtype))
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        state = {k: torch.from_numpy(np.array(v)) for k, v in tensors_from_params(lm.params, lm.config).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        missing = [m for m in missing if "lm_head" not in m]  # tied to wte for GPT-2
+        if missing or unexpected:
+            raise HsdError(f"weights did not map onto transformers' model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -267,3 +279,148 @@ def _fmt(value, unit: str, pct: bool = False) -> str:
     if value is None:
         return "-"
     return f"{100 * value:.0f}%" if pct else f"{value:.2f}{unit}"
+
+
+# --- the machine: other processes' load, threads, peak memory bandwidth -------------------
+
+
+def _proc_stat() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat's first line."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user time
+    return total - idle, total
+
+
+def other_load(seconds: float = 1.0) -> float | None:
+    """Cores' worth of CPU time that *other* processes used over a window of `seconds`: the
+    machine's busy time (/proc/stat) minus this process's own CPU time, both over the window.
+    (/proc/loadavg would count this process's threads too, and lags by minutes.) None where
+    /proc/stat is missing."""
+    first, own0, start = _proc_stat(), os.times(), time.perf_counter()
+    if first is None:
+        return None
+    time.sleep(seconds)  # the window: nothing of ours runs in it but idle threads
+    second, own1, wall = _proc_stat(), os.times(), time.perf_counter() - start
+    busy, total = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    machine = busy / total * (os.cpu_count() or 1)
+    own = (own1.user + own1.system - own0.user - own0.system) / wall
+    return max(0.0, machine - own)
+
+
+def busy_machine_note(loads: dict, threads: int) -> str | None:
+    """A warning line when other processes left fewer free cores than the runs had threads, before
+    or after a case; None when the machine was quiet enough (or the load is unknown)."""
+    cores = os.cpu_count() or 1
+    known = [x for x in (loads.get("before"), loads.get("after")) if x is not None]
+    if not known or max(known) <= cores - threads + 0.25:
+        return None
+    shown = ", ".join(f"{x:.1f} {when}" for when, x in loads.items() if x is not None)
+    return (f"UNRELIABLE: other processes kept cores busy ({shown} this case, of {cores}) while the runs used "
+            f"{threads} threads each, so the ratios here measure the neighbours; rerun on an idle machine or with "
+            "--threads set to the free cores")
+
+
+def apply_threads(threads: int | None) -> dict:
+    """Gives XLA's CPU backend and PyTorch the same thread count: XLA sizes its thread pool by the
+    CPUs this process may run on (sched_getaffinity, read when the backend starts), so the process
+    is pinned to `threads` of them; PyTorch gets `torch.set_num_threads`. None keeps every CPU the
+    process may use. Returns what each framework got: `xla_threads` is None where JAX's backend
+    had started before (its pool is then already sized)."""
+    from jax._src import xla_bridge
+
+    started = xla_bridge.backends_are_initialized()
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    count = len(allowed) if allowed else (os.cpu_count() or 1)
+    if threads is not None:
+        if threads < 1:
+            raise HsdError(f"--threads must be at least 1, got {threads}")
+        if threads > count:
+            raise HsdError(f"--threads {threads} is more than the {count} CPUs this process may use; "
+                           f"give at most {count}")
+        if allowed and not started:
+            os.sched_setaffinity(0, allowed[:threads])
+        count = threads
+    info = {"threads": count, "xla_threads": None if started else count, "torch_threads": None}
+    try:
+        import torch
+    except ImportError:
+        return info
+    torch.set_num_threads(count)
+    info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+# Peak HBM bandwidth by device name (NVIDIA's data sheets: H100 SXM, H200), for the roofline of a
+# GPU; elsewhere the roofline uses the bandwidth the `Bandwidth` probe measured.
+HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12}
+
+
+def hbm_peak(device_kind: str) -> float | None:
+    return next((peak for name, peak in HBM_PEAK.items() if name in device_kind), None)
+
+
+# --- control flow in a compiled program -------------------------------------------------
+
+_CALLED = re.compile(r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|branch_computations=\{([^}]*)\}")
+
+
+def control_flow(hlo: str) -> dict:
+    """Counts `conditional` and `while` instructions in a compiled program's HLO text
+    (`compiled.as_text()`): in all, the top-level while loops (the decode loop, or static mode's
+    one loop per segment), and the conditionals one iteration of a top-level loop executes (its
+    body and what it calls: a layer's `lax.switch` is one), the most over the loops. On a GPU each
+    conditional, and each while iteration's predicate, is read back by the host before it goes on
+    (docs/performance.md), unless XLA puts it in a CUDA graph's conditional node."""
+    computations: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split("(")[0].split()
+            name = head[-1].lstrip("%")
+            computations[name] = []
+            if head[0] == "ENTRY":
+                entry = name
+        elif name is not None and line.startswith(" "):
+            computations[name].append(line)
+
+    def called(line: str) -> list[str]:
+        names = []
+        for one, many in _CALLED.findall(line):
+            names += [one] if one else [n.strip().lstrip("%") for n in many.split(",")]
+        return [n for n in names if n in computations]
+
+    def reached(root: str) -> set[str]:
+        seen, todo = set(), [root]
+        while todo:
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo += [n for line in computations[c] for n in called(line)]
+        return seen
+
+    def count(lines, op):
+        return sum(f" {op}(" in line for line in lines)
+
+    every = [line for lines in computations.values() for line in lines]
+    loops = [line for line in computations.get(entry, []) if " while(" in line]
+    per_step = [sum(count(computations[c], "conditional") for c in reached(n)) for line in loops
+                for n in called(line)]
+    return {"conditionals": count(every, "conditional"), "whiles": count(every, "while"),
+            "top_level_whiles": len(loops), "conditionals_per_step": max(per_step, default=0)}
+
+
+def last_program_control_flow(lm) -> dict | None:
+    """`control_flow` of the program the model's last compiled or static `generate` ran: the
+    decoder moves the program it used to the end of its cache."""
+    programs = getattr(lm.decoder, "_programs", None)
+    if not programs:
+        return None
+    return control_flow(next(reversed(programs.values())).as_text())

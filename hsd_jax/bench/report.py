@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hsd_jax.bench.calm import CALM_HEADER
 from hsd_jax.bench.common import NOISY
-from hsd_jax.bench.schedules import HEADER, case_rows
+from hsd_jax.bench.schedules import HEADER, case_rows, control_flow_line
 from hsd_jax.bench.speculative import SPECULATIVE_HEADER
 
 
@@ -32,18 +32,32 @@ def _case_title(rec: dict) -> str:
                           for form, by_t in c["verify_ms"].items())
         return (f"{rec['label']}: one-token step {c['step_ms']:.2f} ms; verify pass over T positions, ms by T: "
                 f"{forms} (the runs used {c['verify_form']})")
-    bw = rec["bandwidth"]
+    bw, peak = rec["bandwidth"], rec.get("hbm_peak_bytes_per_second")
     return (f"{rec['label']}: bandwidth {bw['bytes_per_second'] / 1e9:.2f} GB/s ({bw['probe']}), "
-            f"roofline {rec['roofline_tokens_per_second']:.2f} tok/s")
+            f"roofline {rec['roofline_tokens_per_second']:.2f} tok/s"
+            + (f", HBM peak {peak / 1e12:.2f} TB/s" if peak else ""))
+
+
+def _title(result: dict) -> str:
+    env = result["environment"]
+    line = f"hsd-jax bench: {result['suite']} on {env['device']}, medians of {result['repeats']}"
+    if "threads" in env:  # both frameworks were given this many (`apply_threads`)
+        xla = env.get("xla_threads") or "not set: its backend had started"
+        line += f"; threads: {env['threads']} (XLA CPU {xla}, PyTorch {env.get('torch_threads') or '-'})"
+    return line
+
+
+def _notes(rec: dict) -> list[str]:
+    flow = control_flow_line(rec)
+    return rec.get("notes", []) + ([flow] if flow else [])
 
 
 def format_table(result: dict) -> str:
     """The results as plain text: one table per case, then the figures against their targets."""
-    lines = [f"hsd-jax bench: {result['suite']} on {result['environment']['device']}, "
-             f"medians of {result['repeats']}"]
+    lines = [_title(result)]
     for rec in result["cases"]:
         lines += ["", _case_title(rec)]
-        lines += [f"  {note}" for note in rec.get("notes", [])]
+        lines += [f"  {note}" for note in _notes(rec)]
         if not rec["runs"]:
             continue
         header = _header(rec)
@@ -93,11 +107,10 @@ def print_table(result: dict) -> None:
     if not console.is_terminal or too_wide:
         print(format_table(result))
         return
-    console.print(f"hsd-jax bench: {result['suite']} on {result['environment']['device']}, "
-                  f"medians of {result['repeats']}", markup=False)
+    console.print(_title(result), markup=False)
     for rec, table in zip(result["cases"], tables):
         console.print(table)
-        for note in rec.get("notes", []):
+        for note in _notes(rec):
             console.print(f"  {note}", markup=False)
     if _any_noisy(result):
         console.print(_NOISY_NOTE, markup=False)

@@ -19,6 +19,17 @@ Definitions (docs/benchmarks.md restates them):
 - memory roofline = inputs x bandwidth / vanilla weight bytes per token, with the
   bandwidth measured in the same run (the best median of a matrix-vector product and
   a reduction over an array about the size of the weights).
+- ms/step = wall seconds of one call / new tokens (the prefill's share included).
+- fraction of HBM peak (GPU) = (weight bytes + KV cache bytes) per step / ms per step /
+  the device's peak HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s); the KV bytes
+  are K and V of the layers the step runs at every position it attends to (prompt +
+  t + 1 at step t, their mean over the tokens), per row.
+- transformers (dynamic cache) and transformers-static (`cache_implementation=
+  "static"`, which transformers compiles on CUDA by itself): `generate` with EOS off;
+  on a GPU with its own random weights in the same dtype. Its first call's seconds
+  are reported as its compile seconds.
+- CALM runs (compiled mode): Avg. Layer and weight bytes from the layers each row
+  ran; `calm_depth` picks the state-measure lambda nearest that fraction of the depth.
 - the devices run (runner "devices") = compiled vanilla on all N local devices, each
   device the case's batch (N x batch inputs per call, the same prompts N times); its
   speedup = its inputs per second / compiled vanilla's on one device.
@@ -38,26 +49,40 @@ import time
 from typing import Callable, Sequence
 
 from hsd_jax.bench.calm import CalmCase
-from hsd_jax.bench.common import ARCHS, TINY, model_config
+from hsd_jax.bench.common import ARCHS, TINY, apply_threads, busy_machine_note, model_config, other_load
 from hsd_jax.bench.schedules import RUNNERS, Case, run_case
 from hsd_jax.bench.speculative import SpeculativeCase
 from hsd_jax.errors import HsdError
 
 
 def environment() -> dict:
+    """The machine and the versions a result came from: device, driver (nvidia-smi, where
+    present), jax, jaxlib, torch, transformers, Python, and the load average."""
+    import subprocess
+
     import jax
+    import jaxlib
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jax": jax.__version__, "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "python": platform.python_version(),
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if smi.returncode == 0:
+            info["nvidia_smi"] = smi.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         import torch
         import transformers
 
-        info.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+        info.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
+                    torch_cuda=torch.version.cuda if torch.cuda.is_available() else None)
     except ImportError:
         pass
     try:
@@ -68,26 +93,61 @@ def environment() -> dict:
 
 
 def run_suite(cases: Sequence[Case], repeats: int, json_path=None, log: Callable[[str], None] = print,
-              suite: str = "custom", max_seconds: float | None = None, targets: Sequence[dict] = ()) -> dict:
+              suite: str = "custom", max_seconds: float | None = None, targets: Sequence[dict] = (),
+              threads: int | None = None) -> dict:
     """Runs the cases in order, rewriting `json_path` (atomically) after each one.
 
+    `threads` (None: every CPU the process may use) is given to XLA's CPU backend and to
+    PyTorch alike (`apply_threads`). Other processes' load is measured before and after
+    each case (`other_load`); a case where it left fewer free cores than the threads gets an
+    UNRELIABLE note. With `max_seconds`, a case is skipped (and listed) when it would end
+    after that: its `estimate_seconds` (a suite's `case_seconds`) scaled by how long the
+    finished cases took against theirs; without one, once the time has passed.
     `targets` (a suite's, see `hsd_jax.bench.suites`) are reported as figures against
     their target values under the result's "targets"."""
     from hsd_jax.io import write_json
 
     check_targets(targets)  # a malformed one fails now, not after the timing runs
+    threading = apply_threads(threads)  # before JAX's CPU backend starts (environment() starts it)
     definitions = __doc__.split("Definitions (docs/benchmarks.md restates them):")[1].split("\n\n")[0].strip()
-    result = {"suite": suite, "repeats": repeats, "environment": environment(), "cases": [],
+    result = {"suite": suite, "repeats": repeats, "environment": {**environment(), **threading}, "cases": [],
               "definitions": definitions}
+    import jax
+
+    # On a GPU the models stay between cases (a later case reuses the compiled programs); on a
+    # CPU the memory is tight, and each case builds its own.
+    models = None if jax.default_backend() == "cpu" else {}
     start = time.perf_counter()
+    took: dict[str, list] = {}  # by case part: (seconds taken, seconds estimated) of the finished cases
     for case in cases:
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        elapsed = time.perf_counter() - start
+        estimate = getattr(case, "estimate_seconds", None)
+        done = took.get(getattr(case, "part", ""), [])
+        if estimate is not None and done:
+            estimate *= sum(t for t, _ in done) / sum(e for _, e in done)
+        late = max_seconds is not None and (elapsed + (estimate or 0.0) > max_seconds if estimate is not None
+                                            else elapsed > max_seconds)
+        if late:
+            why = f"would end past --max-seconds {max_seconds:g} (at {elapsed:.0f}s, ~{estimate:.0f}s needed)" \
+                if estimate is not None else f"past --max-seconds {max_seconds:g}"
             result["cases"].append({"case": dataclasses.asdict(case), "label": case.label, "runs": [],
-                                    "skipped": True, "notes": [f"skipped: past --max-seconds {max_seconds:g}"]})
-            continue
-        result["cases"].append(run_case(case, repeats, log=log))
+                                    "skipped": True, "notes": [f"skipped: {why}"]})
+            log(f"{case.label}: skipped: {why}")
+        else:
+            loads = {"before": other_load()}
+            record = run_case(case, repeats, log=log, models=models)
+            loads["after"] = other_load()
+            record["other_load"] = loads
+            record["seconds"] = time.perf_counter() - start - elapsed
+            note = busy_machine_note(loads, threading["threads"])
+            if note:
+                record.setdefault("notes", []).append(note)
+                log(f"  {note}")
+            result["cases"].append(record)
+            if estimate is not None:
+                took.setdefault(case.part, []).append((record["seconds"], case.estimate_seconds))
         result["targets"] = target_figures(result, targets)
-        result["environment"]["load_average_end"] = environment().get("load_average")
+        result["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         if json_path is not None:
             write_json(json_path, result)
     result["targets"] = target_figures(result, targets)
@@ -202,6 +262,8 @@ def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batc
                            "--runners (--schedules gives the drafts)")
         return build_speculative_cases(suite, schedules, models=models, batches=batches, drafts=schedule_specs,
                                        dtype=dtype, new_tokens=new_tokens, dry_run=dry_run)
+    if dry_run:  # the suite's own small settings for a dry run, where it has them
+        suite = {**suite, **suite.get("dry_run", {})}
     models = list(models or suite["models"])
     prompts = list(prompts or suite["prompts"])
     settings = [tuple(s) for s in suite["settings"]]
@@ -230,13 +292,26 @@ def build_cases(suite: dict, schedules: dict, *, models=None, prompts=None, batc
             specs = [_tiny_schedule(spec, model, schedules.get(arch, []), new_tokens) for spec in specs]
         specs = list(dict.fromkeys(specs))  # each once
         batch, k = setting
-        return Case(model=arch, prompt_len=prompt, batch=batch, num_beams=k, new_tokens=new_tokens, dtype=dtype,
-                    runners=runners, schedules=tuple(specs) if setting in sched_settings else (),
-                    schedule_runners=schedule_runners)
+        scheduled = setting in sched_settings
+        main = Case(model=arch, prompt_len=prompt, batch=batch, num_beams=k, new_tokens=new_tokens, dtype=dtype,
+                    runners=runners, schedules=tuple(specs) if scheduled else (),
+                    schedule_runners=schedule_runners,
+                    calm_depth=suite.get("calm_depth") if scheduled and schedule_specs is None else None,
+                    estimate_seconds=suite.get("case_seconds", {}).get(model))
+        if not (apart and scheduled and "static" in schedule_runners):
+            return [main]
+        # static mode compiles a program per schedule, each segment its own loop (minutes on a
+        # deep model): a case of its own, after the rest of the setting, that the budget can skip
+        return [dataclasses.replace(main, schedule_runners=tuple(r for r in schedule_runners if r != "static")),
+                dataclasses.replace(main, runners=("static",), schedule_runners=("static",), calm_depth=None,
+                                    part="static schedules",
+                                    estimate_seconds=suite.get("static_case_seconds", {}).get(model))]
 
+    apart = suite.get("static_apart", False)
     if suite.get("order") == "settings":  # every model at the first setting, then the next...
-        return [case(m, p, s) for s in settings for p in prompts for m in models]
-    return [case(m, p, s) for m in models for p in prompts for s in settings]
+        split = [[case(m, p, s) for m in models] for s in settings for p in prompts]
+        return [c[i] for group in split for i in range(2) for c in group if len(c) > i]
+    return [c for m in models for p in prompts for s in settings for c in case(m, p, s)]
 
 
 def build_speculative_cases(suite: dict, schedules: dict, *, models=None, batches=None, drafts=None, dtype=None,

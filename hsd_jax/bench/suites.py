@@ -63,6 +63,19 @@ CPU_TARGETS = [
      "value": "speedup_over_ideal", "target": 0.9, "unit": "%"},
 ]
 
+# The issue-35 targets on a GPU (bfloat16, prompt 128): figures for the report.
+_GPU_B1 = {"dtype": "bfloat16", "prompt_len": 128, "batch": 1, "num_beams": 1}
+_GPU_B32 = {**_GPU_B1, "batch": 32}
+GPU_TARGETS = [
+    *({"name": f"{mode} vanilla, fraction of HBM peak", "case": _GPU_B1, "run": (mode, "vanilla"),
+       "value": "fraction_of_hbm_peak", "target": 0.7, "unit": "%"} for mode in ("compiled", "static")),
+    *({"name": f"{mode} vs transformers", "case": case, "run": (mode, "vanilla"), "value": "speedup_vs_transformers",
+       "target": target, "unit": "x"} for mode in ("compiled", "static") for case, target in ((_GPU_B1, 3.0),
+                                                                                             (_GPU_B32, 1.5))),
+    *({"name": "speedup / ideal", "case": case, "run": ("static", "*"), "value": "speedup_over_ideal",
+       "target": 0.85, "unit": "%"} for case in (_GPU_B1, _GPU_B32)),
+]
+
 SUITES = {
     # A few minutes on a laptop-class CPU: the figures the CPU targets are stated on.
     "quick": {
@@ -90,19 +103,47 @@ SUITES = {
         "repeats": 3,
         "targets": CPU_TARGETS,
     },
-    # One H200, under 8 minutes (eval/bench_gpu.sh): compiled (a lax.switch per layer,
-    # each a host sync on GPU) against static (straight-line segments), vanilla and HSD.
+    # One H100 or H200 in one device call (eval/bench_gpu.sh, issue 35): GPT-2 large and Phi-2
+    # in bfloat16, prompt 128, 128 new tokens; transformers (dynamic cache) against compiled and
+    # static vanilla, the paper's HSD s=1 / s=2 and SkipDecode presets in both modes, and CALM's
+    # state measure near half depth. Settings by value (both models at each before the next):
+    # batch 1 (the roofline), 32, beam 4 at 1, then 8, beam 4 at 8, and 64 if time is left.
+    # `case_seconds` are guesses, rescaled by the cases of the same part done, that skip a case
+    # that would end past --max-seconds (a 36-layer static HSD program took 156 s to compile on
+    # 2 loaded CPU cores). --dry-run takes `dry_run`'s settings on the tiny models instead.
     "gpu": {
         "models": ["gpt2-large", "phi-2"],
-        "prompts": [32],
-        "settings": [(1, 1), (32, 1), (1, 4)],
+        "prompts": [128],
+        "settings": [(1, 1), (32, 1), (1, 4), (8, 1), (8, 4), (64, 1)],
         "dtype": "bfloat16",
-        "new_tokens": 64,
-        "runners": ["compiled", "static"],
+        "new_tokens": 128,
+        "runners": ["transformers", "compiled", "static"],
         "schedule_runners": ["compiled", "static"],
-        "schedules": ["hsd-s1-20"],
+        "schedules": ["hsd-s1-20", "hsd-s2-20", "skipdecode-10-20"],
+        "calm_depth": 0.5,
         "repeats": 3,
-        "order": "settings",  # both models at batch 1 first, in case the time limit cuts the rest
+        "order": "settings",
+        "case_seconds": {"gpt2-large": 45, "phi-2": 60},
+        "static_apart": True,  # each setting's static-mode schedules in a case of their own, after its others
+        "static_case_seconds": {"gpt2-large": 120, "phi-2": 120},
+        "dry_run": {"prompts": [8], "settings": [(2, 4)], "new_tokens": 8},  # greedy: gpu-hf-static's
+        "targets": GPU_TARGETS,
+    },
+    # transformers with `cache_implementation="static"` (it compiles the forward itself on
+    # CUDA, a minute or more), beside static vanilla on the same shape: eval/bench_gpu.sh runs
+    # it after the gpu suite when time is left.
+    "gpu-hf-static": {
+        "models": ["gpt2-large"],
+        "prompts": [128],
+        "settings": [(1, 1)],
+        "dtype": "bfloat16",
+        "new_tokens": 128,
+        "runners": ["transformers-static", "static"],
+        "schedule_runners": [],
+        "schedules": [],
+        "repeats": 3,
+        "case_seconds": {"gpt2-large": 100},
+        "dry_run": {"prompts": [8], "new_tokens": 8},
     },
 }
 

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--schedules", nargs="*", metavar="SPEC",
                    help="schedules to compare with vanilla, as specs or presets; the flag alone for vanilla only "
                    "(default: the suite's)")
-    p.add_argument("--runners", nargs="+", choices=["transformers", "eager", "compiled", "static", "devices"],
+    p.add_argument("--runners", nargs="+", choices=["transformers", "transformers-static", "eager", "compiled", "static",
+                                                    "devices"],
                    help="what vanilla runs under; schedules run under compiled and static, and devices runs compiled "
                    "on every local device, each the case's batch, against one device (default: the suite's)")
     p.add_argument("--repeats", type=int, help="timed rounds per case (default: the suite's, or 3)")
@@ -52,7 +53,11 @@ def register(subparsers) -> None:
                    help="a Python file defining SUITES (and SCHEDULES) in the form of hsd_jax/bench/suites.py "
                    "(default: the package's suites)")
     p.add_argument("--max-seconds", type=float,
-                   help="skip the cases that would start after this many seconds (default: no limit)")
+                   help="skip the cases that would end past this many seconds (by the suite's estimates; else those that "
+                   "would start after it) (default: no limit)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for XLA and PyTorch alike, printed with the table (default: every CPU the "
+                   "process may use)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models of the same families and 1 repeat: checks that a suite runs, in seconds")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     before = _modified(path)  # an earlier run's file is not this run's results
     try:
         result = bench.run_suite(cases, repeats, json_path=path, log=log, suite=name, max_seconds=args.max_seconds,
-                                 targets=suite.get("targets", ()))
+                                 targets=suite.get("targets", ()), threads=args.threads)
     except KeyboardInterrupt:  # run_suite writes the JSON after every case: say where the finished ones are
         kept = f"the finished cases are in {path}" if _modified(path) != before else "no case had finished"
         print(f"hsd-jax bench: interrupted; {kept}", file=sys.stderr)
