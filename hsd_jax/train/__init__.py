@@ -52,7 +52,6 @@ import numpy as np
 
 from hsd_jax import data as data_lib
 from hsd_jax import distributed
-from hsd_jax.errors import HsdError
 from hsd_jax.io import write_json
 from hsd_jax.progress import progress
 from hsd_jax.train.batches import (_add_skip_schedule, _batches, _model_and_data, draw_schedule, skip_aware_active,
@@ -62,10 +61,11 @@ from hsd_jax.train.objective import (_compiled, _devices, _initial_state, batch_
                                      token_nll, warmup_length)
 from hsd_jax.train.run_folder import (CHECKPOINTS, LOCK_FILE, LOG_FILE, ORBAX_TMP, RUN_FILE, _check_inputs_unchanged,
                                       _export, _output_lock, _prepare_output, _remove_unfinished_checkpoints,
-                                      _trim_log, read_log, weights_fingerprint)
+                                      _trim_log, inputs_from_run_folder, optimiser_changes, read_log,
+                                      weights_fingerprint)
 from hsd_jax.train.settings import RUN_SETTINGS, TrainConfig, TrainResult, _check_config, _run_settings, setting
-from hsd_jax.train.stopping import (Interrupted, _close, _export_failures, _failures_explained, _Saves,
-                                    _signals_deferred)
+from hsd_jax.train.stopping import (Interrupted, LossNotFinite, _close, _export_failures, _failures_explained,
+                                    _Saves, _signals_deferred)
 
 __all__ = [
     "BPE_PREFIX", "CHECKPOINTS", "GPT2_PRESETS", "LOCK_FILE", "LOG_FILE", "ORBAX_TMP", "RUN_FILE", "RUN_SETTINGS",
@@ -219,15 +219,20 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
                                                     tuple(devices), cfg.skip_aware_distill)
     state, frozen = _initial_state(cfg, lm, tx, lora_cfg, NamedSharding(mesh, P()))
     num_trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+    settings = _run_settings(cfg)
+    # Adam's state does not depend on these settings: the optimiser restored runs on with the new ones.
+    changes = optimiser_changes(previous["settings"], settings) if previous is not None else ""
+    changes = f" with other optimiser settings ({changes})" if changes else ""
     if start:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         if lead:
-            print(f"resuming {out} from step {start}", file=sys.stderr)
+            print(f"resuming {out} from step {start}{changes}", file=sys.stderr)
     elif previous is not None and lead:
-        print(f"no checkpoint in {out / CHECKPOINTS}; starting from step 0", file=sys.stderr)
+        print(f"no checkpoint in {out / CHECKPOINTS}; starting from step 0{changes}", file=sys.stderr)
 
-    record = {"settings": _run_settings(cfg), "data_fingerprint": fingerprint, "base_weights": base_weights,
+    record = {"settings": settings, "inputs_from_run_folder": inputs_from_run_folder(settings, out),
+              "data_fingerprint": fingerprint, "base_weights": base_weights,
               "train_pairs": len(train_data), "steps_per_epoch": spe, "schedule_steps": total,
               "devices": len(devices), "trainable_params": int(num_trainable)}
     if lead:
@@ -313,8 +318,7 @@ class _StepLog:
         now = time.perf_counter()
         self.tokens_since += tokens
         if not math.isfinite(loss):
-            raise HsdError(f"the training loss became {loss} at step {step}; lower --learning-rate "
-                           "(or drop --bf16) and resume from the last checkpoint with --resume")
+            raise LossNotFinite(step, loss, cfg.bf16)
         record = {"step": step, "epoch": round(step / self.run.steps_per_epoch, 4), "loss": loss,
                   "lr": float(self.run.schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
                   "target_tokens": int(metrics["target_tokens"])}

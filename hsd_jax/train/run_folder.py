@@ -1,8 +1,9 @@
 """The run folder OUTPUT: its lock, run.json, the resume checks, the log, the export.
 
     OUTPUT/.lock             held (flock) by the live run
-    OUTPUT/run.json          the settings a resume must repeat, the data and base-weight
-                             fingerprints, and the step the exported model holds
+    OUTPUT/run.json          the settings a resume must repeat (their files also as paths
+                             from OUTPUT, so a folder moved with its inputs resumes), the
+                             data and base-weight fingerprints, the step the model holds
     OUTPUT/train_log.jsonl   one line per logged step (`read_log`)
     OUTPUT/checkpoints/      Orbax checkpoints, one folder per step
     OUTPUT/config.json, model.safetensors, tokenizer files: the model (`_export`)
@@ -22,7 +23,8 @@ import numpy as np
 
 from hsd_jax.errors import HsdError
 from hsd_jax.io import write_json, write_text
-from hsd_jax.train.settings import RUN_SETTINGS, TrainConfig, _run_settings
+from hsd_jax.train.settings import (PATH_SETTINGS, RESUME_MAY_CHANGE, RUN_SETTINGS, TrainConfig, _run_settings,
+                                    input_path)
 
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
@@ -92,13 +94,45 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> dict | None:
         raise HsdError(f"--output {out} holds another training run; pass --resume to continue it, "
                        "or choose another --output")
     previous = _read_run_file(run_file)
-    now = _run_settings(cfg)
-    changed = [k for k in RUN_SETTINGS if previous["settings"].get(k) != now[k]]
+    then, now = previous["settings"], _run_settings(cfg)
+    moved_with = previous.get("inputs_from_run_folder") or {}
+    here = inputs_from_run_folder(now, out)
+    changed = [k for k in RUN_SETTINGS if then.get(k) != now[k] and k not in RESUME_MAY_CHANGE
+               and not (k in PATH_SETTINGS and _same_input(then.get(k), now[k], moved_with.get(k), here.get(k)))]
     if changed:
-        diffs = "; ".join(f"{k}: {previous['settings'].get(k)!r} then, {now[k]!r} now" for k in changed)
+        diffs = "; ".join(f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in changed)
         raise HsdError(f"--resume must repeat the settings of the run in {out} ({diffs}); "
                        "pass the same values, or start a new run in another --output")
     return previous
+
+
+def optimiser_changes(then: dict, now: dict) -> str:
+    """The `RESUME_MAY_CHANGE` settings a resume changes, as flags ("" when none): allowed, so
+    that a run whose loss became nan continues at a lower learning rate, and said in the log."""
+    return ", ".join(f"--{k.replace('_', '-')} {then[k]} then, {now[k]} now"
+                     for k in RESUME_MAY_CHANGE if k in then and then[k] != now[k])
+
+
+def inputs_from_run_folder(settings: dict, out: Path) -> dict:
+    """The `PATH_SETTINGS` that name a file or folder, as paths from the run folder (run.json
+    records them): a run folder moved or copied together with its inputs (the demo's folder,
+    a project folder) still names the same ones."""
+    found = {key: input_path(settings[key]) for key in PATH_SETTINGS}
+    return {key: prefix + os.path.relpath(path.resolve(), out.resolve())
+            for key, (prefix, path) in ((k, v) for k, v in found.items() if v)}
+
+
+def _same_input(then, now, then_from_run: str | None, now_from_run: str | None) -> bool:
+    """Whether a recorded path setting and today's name the same input: the same path once
+    resolved (older runs recorded some relative to where they were started), or the same
+    path from the run folder (the folder moved with it). The data and base weights are
+    compared by fingerprint after (`_check_inputs_unchanged`)."""
+    if then_from_run is not None and then_from_run == now_from_run:
+        return True
+    if not (isinstance(then, str) and isinstance(now, str)):
+        return False
+    prefix = "random:" if now.startswith("random:") else ""
+    return then.startswith(prefix) and Path(then[len(prefix):]).resolve() == Path(now[len(prefix):]).resolve()
 
 
 def _read_run_file(path: Path) -> dict:

@@ -1,8 +1,9 @@
 """The settings of a training run: `TrainConfig`, one `setting` per field.
 
 Each field's metadata holds its help, the details of its `hsd-jax train` flag (the CLI
-builds its flags from the fields, hsd_jax/commands/train.py) and whether a resume must
-repeat it (`RUN_SETTINGS`, recorded in OUTPUT/run.json by `_run_settings`).
+builds its flags from the fields, hsd_jax/commands/train.py) and what a resume does with it
+(`RUN_SETTINGS`, recorded in OUTPUT/run.json by `_run_settings`: each must be repeated, but
+for `RESUME_MAY_CHANGE`, the optimiser's settings).
 `_check_config` refuses values that would fail late or train wrongly, before any work.
 """
 
@@ -18,7 +19,7 @@ from hsd_jax.errors import HsdError
 from hsd_jax.io import check_output_dir
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, resume: bool = False, metavar: str | None = None,
+def setting(default: Any = dataclasses.MISSING, *, help: str, resume: bool | str = False, metavar: str | None = None,
             shown_default: str | None = None, choices: tuple | None = None, nargs: str | None = None,
             sep: str | None = None, one_of: str | None = None, example: str | None = None):
     """A `TrainConfig` field and what `hsd-jax train` makes of it (hsd_jax/commands/train.py).
@@ -26,7 +27,9 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, resume: bool = Fal
     The flag is `--` + the name with `-` for `_` (a bool that defaults to True is turned off
     by `--no-NAME`, its help then reads "no " + help); its type is the field's annotation.
       help           what the setting does (the flag's help; the CLI adds "(default: ...)")
-      resume         a `--resume` must repeat it: run.json records it and a resume compares
+      resume         True: run.json records it and a `--resume` must repeat it; "may change":
+                     run.json records it and a `--resume` may change it (saying so), for the
+                     optimiser's settings, which a run that diverged needs to change
       metavar        the flag's value in `--help`
       shown_default  the default as `--help` words it, where the value (None) does not say
       choices        the values the flag accepts
@@ -44,7 +47,7 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, resume: bool = Fal
 class TrainConfig:
     """Every setting of a run. Each field is a `setting`: its metadata is the help and the
     details of its `hsd-jax train` flag (`batch_size` -> `--batch-size`), and whether a
-    `--resume` must repeat it (`RUN_SETTINGS`)."""
+    `--resume` must repeat it (`RUN_SETTINGS`, `RESUME_MAY_CHANGE`)."""
 
     model: str = setting(
         help="Hugging Face folder or hub id; or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl|CONFIG.json for random "
@@ -81,13 +84,14 @@ class TrainConfig:
     batch_size: int = setting(8, help="global batch size, all devices", resume=True, metavar="B")
     learning_rate: float = setting(
         5e-5, help="peak AdamW learning rate, reached after warm-up (6% of the schedule unless --warmup-steps) "
-        "and decayed linearly to 0", resume=True, metavar="LR", shown_default="5e-5")
+        "and decayed linearly to 0", resume="may change", metavar="LR", shown_default="5e-5")
     weight_decay: float = setting(0.0, help="AdamW decoupled weight decay on kernels and embeddings (not biases, "
-                                  "norm scales)", resume=True, metavar="W")
+                                  "norm scales)", resume="may change", metavar="W")
     warmup_steps: int | None = setting(
         None, help="linear warm-up steps from 0 to --learning-rate; a short run may never leave warm-up (the "
-        "progress bar and summary show the rate)", resume=True, metavar="N", shown_default="6% of the schedule")
-    max_grad_norm: float = setting(1.0, help="global-norm clipping", resume=True, metavar="G")
+        "progress bar and summary show the rate)", resume="may change", metavar="N",
+        shown_default="6% of the schedule")
+    max_grad_norm: float = setting(1.0, help="global-norm clipping", resume="may change", metavar="G")
     max_steps: int | None = setting(None, help="stop after N steps; the learning-rate schedule still spans --epochs",
                                     metavar="N", shown_default="the end of --epochs")
     max_length: int | None = setting(None, help="tokens per row", resume=True, metavar="T",
@@ -127,8 +131,13 @@ class TrainConfig:
     progress: bool = setting(True, help="progress bar on process 0 (a plain line every 10 s in a log)")
 
 
-# The settings run.json records and a --resume must repeat (the rest may change).
+# The settings run.json records; a --resume must repeat them, but for RESUME_MAY_CHANGE.
 RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"])
+# The optimiser's: their state (Adam's moments, the step) does not depend on them, so a run
+# whose loss became nan continues from its last checkpoint at a lower learning rate.
+RESUME_MAY_CHANGE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] == "may change")
+# The settings that may name a file or folder (else a hub id, a preset, bpe:N).
+PATH_SETTINGS = ("model", "tokenizer", "train_file")
 
 
 @dataclasses.dataclass
@@ -145,12 +154,23 @@ class TrainResult:
     already_done: bool = False  # a resume that found the run at its last step, model written: nothing ran
 
 
+def input_path(value: str | None) -> tuple[str, Path] | None:
+    """(prefix, path) when a `PATH_SETTINGS` value names an existing file or folder: the
+    value itself, or a `random:` config.json (prefix "random:"); None for a hub id, a preset, bpe:N."""
+    if not value:
+        return None
+    prefix = "random:" if value.startswith("random:") else ""
+    path = Path(value[len(prefix):])
+    found = path.is_file() if prefix else path.exists()  # random:gpt2 is a preset, whatever ./gpt2 is
+    return (prefix, path) if found else None
+
+
 def _run_settings(cfg: TrainConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
-    for key in ("model", "tokenizer", "train_file"):  # the same folder, wherever the run is started from
-        value = settings[key]
-        if value and not value.startswith("random:") and Path(value).exists():
-            settings[key] = str(Path(value).resolve())
+    for key in PATH_SETTINGS:  # the same file, wherever the run is started from
+        found = input_path(settings[key])
+        if found and not found[0]:  # (random:CONFIG as given, as runs have always recorded it)
+            settings[key] = str(found[1].resolve())
     if settings["lora_targets"] is not None:
         settings["lora_targets"] = list(settings["lora_targets"])
     for key in ("skip_aware_joint", "skip_aware_distill"):

@@ -28,6 +28,14 @@ class SaveFailed(Exception):
         self.step, self.cause = step, cause
 
 
+class LossNotFinite(Exception):
+    """The training loss became nan or inf at `step`: the weights of step - 1 gave it."""
+
+    def __init__(self, step: int, loss: float, bf16: bool):
+        super().__init__(f"the training loss became {loss} at step {step}")
+        self.step, self.bf16 = step, bf16
+
+
 class ExportFailed(Exception):
     """The model folder was not written (`_export`); the checkpoints are untouched."""
 
@@ -125,8 +133,9 @@ def _orbax_failures_unlogged():
 
 @contextlib.contextmanager
 def _failures_explained(out: Path, manager):
-    """Ctrl-C, a checkpoint or model not written and a full disk end a run in one line
-    naming what is safe (the last intact checkpoint) and the command that continues."""
+    """Ctrl-C, a checkpoint or model not written, a full disk and a loss that became nan end
+    a run in one line naming what is safe (the last intact checkpoint) and the command that
+    continues."""
     with _orbax_failures_unlogged():  # also while the line is made: `_intact_step` waits on the failed save
         try:
             yield
@@ -137,6 +146,13 @@ def _failures_explained(out: Path, manager):
             reason = full or _first_line(err.cause) or "Orbax logged why"
             raise HsdError(f"could not write the checkpoint of step {err.step} to {out / CHECKPOINTS} ({reason}); "
                            f"{_resume_hint(out, manager, 'free some space' if full else None)}") from None
+        except LossNotFinite as err:
+            # The checkpoint of the step before holds the weights that gave the loss: resumed,
+            # it would give it again at any learning rate, so --resume continues from the one before.
+            removed = _remove_checkpoint(manager, err.step - 1)
+            removed = f" (the checkpoint of step {err.step - 1}, whose weights gave it, is removed)" if removed else ""
+            fix = "lower --learning-rate" + (" (or start again without --bf16 in another --output)" if err.bf16 else "")
+            raise HsdError(f"{err}{removed}; {_resume_hint(out, manager, fix)}") from None
         except ExportFailed as err:
             full = _disk_full(err.cause)
             hint = _resume_hint(out, manager, "free some space" if full else None, "writes the model from it")
@@ -238,6 +254,14 @@ def _resume_hint(out: Path, manager, first: str | None = None, then: str = "cont
     else:
         safe, resume = f"the last intact checkpoint is step {step} ({out / CHECKPOINTS / str(step)})", f"--resume {then}"
     return f"{safe}; {first}, then {resume}" if first else f"{safe}, and {resume}"
+
+
+def _remove_checkpoint(manager, step: int) -> bool:
+    """Deletes the checkpoint of `step` if it is the newest complete one; whether it did."""
+    if _intact_step(manager) != step:
+        return False
+    manager.delete(step)
+    return True
 
 
 def _intact_step(manager) -> int | None:
