@@ -20,7 +20,9 @@ The folder, `--output`:
     data/                            train.jsonl, dev.jsonl, model_config.json
     plain/model, plain/eval          the plain model (a Hugging Face folder) and its evaluation
     schedule_aware/model, .../eval   the schedule-aware model and its evaluation
-    comparison.md, quality_vs_layers.png, timings.json
+    comparison.md, quality_vs_layers.png
+    timings.json                     seconds per stage over all runs of the demo, the runs, and
+                                     the versions and cores of the last (`environment`)
 
 Running it again continues an interrupted demo where it stopped: training resumes from the
 checkpoint Ctrl-C or SIGTERM wrote, evaluation keeps its finished rows; a finished demo
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -150,8 +153,10 @@ class DemoResult:
     models: dict[str, Path]  # PLAIN / AWARE -> the model folder
     comparison: str  # the side-by-side table (markdown)
     summary: list[str]  # what the tables show, one line each
-    seconds: float
-    timings: dict[str, float]  # stage -> seconds, in this invocation
+    seconds: float  # this run
+    timings: dict[str, float]  # stage -> seconds, over every run of this demo (an interrupted one continued)
+    total_seconds: float = 0.0  # every run of this demo
+    runs: int = 1  # the runs of this demo so far, this one included
 
 
 def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, seed: int = 0,
@@ -159,51 +164,118 @@ def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, s
     """Runs (or continues) the demo in `output` and returns where things are."""
     size = SMOKE if smoke else FULL
     config = model_config(family, size)  # a bad family fails before the folder is touched
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def timed(stage: str, fn, *args):
-        t0 = time.perf_counter()
-        value = fn(*args)
-        timings[stage] = round(time.perf_counter() - t0, 1)
-        return value
-
     out = _prepare(Path(output), {"family": family, "smoke": smoke, "seed": seed,
                                   "size": dataclasses.asdict(size)}, overwrite)
-    splits = demo_data.make_splits(seed=seed, num_train=size.num_train, num_dev=size.num_dev,
-                                   refs_per_dev=size.refs_per_dev)
-    # dev is scored from `splits`; its file is there for the user to read
-    train_file, _ = demo_data.write_splits(splits, out / "data")
-    write_json(out / "data" / "model_config.json", config)
+    clock = _Clock(out / TIMINGS)
+    with clock:
+        splits = demo_data.make_splits(seed=seed, num_train=size.num_train, num_dev=size.num_dev,
+                                       refs_per_dev=size.refs_per_dev)
+        # dev is scored from `splits`; its file is there for the user to read
+        demo_data.write_splits(splits, out / "data")
+        write_json(out / "data" / "model_config.json", config)
 
-    from hsd_jax.evaluate import group_references
+        from hsd_jax.evaluate import group_references
 
-    sources, references = group_references(splits.dev_pairs())
-    results = {}
-    plain = out / PLAIN / "model"
-    timed("train plain", _train, plain, size, seed, progress, dict(
-        model=f"random:{out / 'data' / 'model_config.json'}", tokenizer=f"bpe:{size.vocab}",
-        epochs=size.epochs, batch_size=size.batch_size, learning_rate=size.learning_rate))
-    results[PLAIN] = timed("eval plain", _evaluate, out, PLAIN, family, size, seed, sources, references)
-    aware = out / AWARE / "model"
-    timed("train schedule-aware", _train, aware, size, seed, progress, dict(
-        model=str(plain), limit=size.aware_pairs, epochs=size.aware_epochs, batch_size=size.aware_batch_size,
-        learning_rate=size.aware_learning_rate,
-        skip_aware=tuple(aware_schedules(size)), skip_aware_prob=size.aware_weight, skip_aware_joint=True,
-        skip_aware_distill=1.0))
-    results[AWARE] = timed("eval schedule-aware", _evaluate, out, AWARE, family, size, seed, sources, references)
+        sources, references = group_references(splits.dev_pairs())
+        results = {}
+        plain = out / PLAIN / "model"
+        clock.timed("train plain", _train, plain, size, seed, progress, dict(
+            model=f"random:{out / 'data' / 'model_config.json'}", tokenizer=f"bpe:{size.vocab}",
+            epochs=size.epochs, batch_size=size.batch_size, learning_rate=size.learning_rate))
+        results[PLAIN] = clock.timed("eval plain", _evaluate, out, PLAIN, family, size, seed, sources, references)
+        aware = out / AWARE / "model"
+        clock.timed("train schedule-aware", _train, aware, size, seed, progress, dict(
+            model=str(plain), limit=size.aware_pairs, epochs=size.aware_epochs, batch_size=size.aware_batch_size,
+            learning_rate=size.aware_learning_rate,
+            skip_aware=tuple(aware_schedules(size)), skip_aware_prob=size.aware_weight, skip_aware_joint=True,
+            skip_aware_distill=1.0))
+        results[AWARE] = clock.timed("eval schedule-aware", _evaluate, out, AWARE, family, size, seed, sources,
+                                     references)
 
-    rows = {label: [r.row() for r in rs] for label, rs in results.items()}
-    comparison = comparison_table(rows, size.layers)
-    summary = summarise(rows, size, family)
-    write_text(out / COMPARISON, f"**{family} demo: the plain and the schedule-aware model on "
-               f"{len(sources)} dev records, beam 4**\n\n{comparison}\n" + "\n".join(summary) + "\n")
-    plot_comparison(rows, out / PLOT, title=f"{family} demo: R-L against layers run, plain (dashed) and "
-                    "schedule-aware")
-    seconds = time.perf_counter() - start
-    write_json(out / TIMINGS, {**timings, "total": round(seconds, 1)})
+        rows = {label: [r.row() for r in rs] for label, rs in results.items()}
+        comparison = comparison_table(rows, size.layers)
+        summary = summarise(rows, size, family)
+        write_text(out / COMPARISON, f"**{family} demo: the plain and the schedule-aware model on "
+                   f"{len(sources)} dev records, beam 4**\n\n{comparison}\n" + "\n".join(summary) + "\n\n"
+                   f"Ran on {describe(clock.environment)}.\n")
+        plot_comparison(rows, out / PLOT, title=f"{family} demo: R-L against layers run, plain (dashed) and "
+                        "schedule-aware")
     return DemoResult(output=out, models={PLAIN: plain, AWARE: aware}, comparison=comparison, summary=summary,
-                      seconds=seconds, timings=timings)
+                      seconds=clock.seconds, timings=clock.stages, total_seconds=clock.total, runs=clock.runs)
+
+
+class _Clock:
+    """The demo's timings.json: seconds per stage and in all, summed over the demo's runs (an
+    interrupted demo continued reports the whole time, not its last run's), the number of
+    runs, and the environment of the last (the figures depend on it). Rewritten after every
+    stage and when the run ends, interrupted too."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):  # none yet (a new demo), or unreadable: counting starts here
+            before = {}
+        before = before if isinstance(before, dict) else {}
+        self.runs = int(before.get("runs", 1)) + 1 if before else 1
+        self.before_total = float(before.get("total", 0.0))
+        self.stages = {k: float(v) for k, v in before.items() if isinstance(v, (int, float)) and k not in
+                       ("total", "runs")}
+        self.environment = environment()
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def total(self) -> float:
+        return self.before_total + self.seconds
+
+    def timed(self, stage: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.stages[stage] = round(self.stages.get(stage, 0.0) + time.perf_counter() - t0, 1)
+            self.save()
+
+    def save(self) -> None:
+        write_json(self.path, {**self.stages, "total": round(self.total, 1), "runs": self.runs,
+                               "environment": self.environment})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.save()
+
+
+def environment() -> dict:
+    """What the demo's figures depend on besides the seed: the library versions, the device,
+    and the CPU cores the process may use (XLA's thread pool sizes follow them)."""
+    import importlib.metadata
+
+    import jax
+
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = jax.devices()[0]
+    return {**versions, "cpu_cores": cores, "device": f"{device.platform} ({device.device_kind})",
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def describe(env: dict) -> str:
+    """The environment in one line."""
+    versions = ", ".join(f"{name} {env[name]}" for name in ("jax", "jaxlib", "flax", "optax", "numpy")
+                         if env.get(name))
+    flags = f", XLA_FLAGS={env['xla_flags']}" if env.get("xla_flags") else ""
+    return f"{versions}; {env['device']}, {env['cpu_cores']} CPU cores{flags}"
 
 
 def _train(model: Path, size: DemoSize, seed: int, progress: bool, stage: dict) -> None:
@@ -341,8 +413,8 @@ def summarise(rows: dict[str, list[dict]], size: DemoSize, family: str, metric: 
     def layers(label, r):
         return f"{r['avg_layers']:.1f}"
 
-    def share(label, r):
-        return f"{100 * r[metric] / vanilla(label):.0f}%"
+    def share(label, r):  # (a vanilla at 0, a model that learned nothing, has no shares)
+        return f"{100 * r[metric] / vanilla(label):.0f}%" if vanilla(label) else "n/a"
 
     paper_calm = f"calm:lambda={PAPER_CALM_LAMBDA:g}"
     paper_rows = calm_rows(paper_calm)
@@ -359,24 +431,46 @@ def summarise(rows: dict[str, list[dict]], size: DemoSize, family: str, metric: 
     return lines
 
 
-def plot_comparison(rows: dict[str, list[dict]], path: str | Path, metric: str = "R-L", title: str = "") -> Path:
-    """Quality against Avg. Layer for both models in one plot: a colour per model (the first
-    dashed, each model's vanilla as a dotted line across), a marker per kind of row."""
+CALM = "CALM"
+# One marker per series, none alike: each HSD stride and warm-up is its own budget sweep.
+MARKERS = {"Vanilla": "*", "SkipDecode": "s", "HSD, s=1": "o", "HSD, s=2": "v", "HSD w=1, s=1": "P",
+           "HSD w=1, s=2": "X", CALM: "^"}
+
+
+def plot_series(method: str) -> str:
+    """The series of a row: its method, HSD also by stride and warm-up (its rows sweep the budget)."""
     import re
 
+    from hsd_jax.evaluate import family
+
+    stride = re.search(r"HSD\(s=(\d+)", method)
+    name = family(method)
+    return f"{name}, s={stride.group(1)}".replace("HSD, w=1, s=", "HSD w=1, s=") if stride else name
+
+
+def calm_label(spec: str) -> str:
+    """A CALM point's label: the settings of its spec that are not CALM's defaults."""
+    from hsd_jax.schedules import _KEYS
+
+    def default(part: str) -> bool:
+        key, _, value = part.partition("=")
+        kind, fallback = _KEYS["calm"].get(key, (str, None))
+        return kind(value) == fallback
+
+    return ", ".join(p for p in spec.removeprefix("calm:").split(",") if not default(p)).replace("lambda=", "λ=")
+
+
+def plot_comparison(rows: dict[str, list[dict]], path: str | Path, metric: str = "R-L", title: str = "") -> Path:
+    """Quality against Avg. Layer for both models in one plot: a colour per model (the first
+    dashed, each model's vanilla as a dotted line across), a marker per series. A series is
+    a budget sweep of one method and is joined; CALM's rows are different settings (lambda,
+    measure, first exit), so they are points, each labelled."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from hsd_jax.evaluate import family
     from hsd_jax.io import atomic_path
 
-    def series(method: str) -> str:  # HSD's two strides apart, so each line is one budget sweep
-        s = re.search(r"HSD\(s=(\d+)", method)
-        return f"{family(method)}, s={s.group(1)}".replace("HSD, w=1, s=", "HSD w=1, s=") if s else family(method)
-
-    markers = {"Vanilla": "*", "SkipDecode": "s", "HSD, s=1": "o", "HSD, s=2": "v", "HSD w=1, s=1": "D",
-               "HSD w=1, s=2": "d", "CALM": "^"}
     fig = Figure(figsize=(7.5, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -385,17 +479,23 @@ def plot_comparison(rows: dict[str, list[dict]], path: str | Path, metric: str =
         color, style = f"C{i}", "--" if i == 0 else "-"
         groups: dict[str, list[dict]] = {}
         for r in model_rows:
-            groups.setdefault(series(r["method"]), []).append(r)
+            groups.setdefault(plot_series(r["method"]), []).append(r)
         for name, group in groups.items():
             seen[name] = None
             group = sorted(group, key=lambda r: r["avg_layers"])
-            ax.plot([r["avg_layers"] for r in group], [r[metric] for r in group], style, color=color,
-                    marker=markers.get(name, "o"), markersize=7, alpha=0.85)
+            ax.plot([r["avg_layers"] for r in group], [r[metric] for r in group],
+                    linestyle="none" if name == CALM else style, color=color, marker=MARKERS.get(name, "o"),
+                    markersize=7, alpha=0.85)
+            if name == CALM:
+                for r in group:
+                    ax.annotate(calm_label(r["spec"]), (r["avg_layers"], r[metric]), textcoords="offset points",
+                                xytext=(5, 4), fontsize=6, color=color)
             if name == "Vanilla":  # the quality every other row of this model is measured against
                 ax.axhline(group[0][metric], color=color, linestyle=":", linewidth=1, alpha=0.7)
     models = [Line2D([], [], color=f"C{i}", linestyle="--" if i == 0 else "-", label=shown(label))
               for i, label in enumerate(rows)]
-    kinds = [Line2D([], [], color="0.4", linestyle="", marker=markers.get(name, "o"), label=name) for name in seen]
+    kinds = [Line2D([], [], color="0.4", linestyle="", marker=MARKERS.get(name, "o"),
+                    label=f"{name} (points)" if name == CALM else name) for name in seen]
     ax.set_xlabel("Avg. Layer (layers run per generated token)")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} against layers run", fontsize=10)
