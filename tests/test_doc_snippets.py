@@ -1,7 +1,7 @@
 """Every code block in the README and the docs runs as written, or is listed here with the
-reason it is not run, and then at least its command line is checked (an `hsd-jax` command
-parses, a script exists with the flags it is given). A new block fails until it runs or is
-listed. Every relative link in those files leads to a file, and every `#anchor` to a heading.
+reason it is not run, and then at least its command line is checked: an `hsd-jax` command
+parses, a shell script exists, is executable and parses (`bash -n`), a Python script has
+the flags it is given. A new block fails until it runs or is listed. Every relative link in those files leads to a file, and every `#anchor` to a heading.
 
 The blocks run offline in a folder where the names they use are tiny local models: `gpt2`
 (12 layers, 32 wide, the real GPT-2 tokenizer), the demo's and the CommonGen model's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_gpt2
+from tests.conftest import make_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # hsd-jax and python of this environment
