@@ -250,7 +250,7 @@ def evaluate_to_folder(
             results[sched.spec] = done[sched.spec]
     todo = [s for s in resolved if s.spec not in results]
     if results or kept:
-        also = f"; {len(kept)} finished rows of schedules not listed now are kept" if kept else ""
+        also = f"; {finished_rows(len(kept))} of schedules not listed now kept" if kept else ""
         print(f"resuming {out}: {len(results)} of {len(resolved)} rows done{also}", flush=True)
     rows = iter_evaluate(lm, sources, references, todo, **options) if todo else []
     for result in rows:
@@ -276,6 +276,11 @@ def prediction_rows(sources, references, predictions, *, with_data: bool = True)
         else:
             yield {"index": i, "source_sha256": hashlib.sha256(source.encode()).hexdigest()[:16],
                    "prediction": prediction}
+
+
+def finished_rows(count: int) -> str:
+    """The count in words: "1 finished row", "2 finished rows" (the messages about saved rows)."""
+    return f"{count} finished row{'' if count == 1 else 's'}"
 
 
 def _preview(text: str, width: int = 40) -> str:

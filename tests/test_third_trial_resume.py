@@ -242,3 +242,9 @@ def test_the_demo_plot_joins_each_sweep_and_leaves_calm_s_settings_as_labelled_p
     assert all(line.get_linestyle() != "None" for m, lines in by_marker.items() if m != "^" for line in lines)
     assert len(set(demo.MARKERS.values())) == len(demo.MARKERS)
     assert {t.get_text() for t in ax.texts} == {"λ=0.02", "λ=0.995, measure=state", "λ=0.9, min_exit=6"}
+
+
+def test_saved_rows_are_counted_in_words_that_agree():
+    from hsd_jax.evaluate import finished_rows
+
+    assert finished_rows(1) == "1 finished row" and finished_rows(2) == "2 finished rows"

@@ -100,11 +100,13 @@ def run(args: argparse.Namespace) -> int:
         with held, distributed.together("eval"):  # a process that fails stops the others
             return _evaluate(args, lead, held)
     except KeyboardInterrupt:
+        from hsd_jax.evaluate import finished_rows
+
         saved = _rows_saved(results_file)
         if not lead:
             where = "process 0 keeps the finished rows; run the same command with --resume to continue"
         elif saved:
-            where = f"{saved} finished rows are saved in {args.output}; run the same command with --resume to continue"
+            where = f"{finished_rows(saved)} saved in {args.output}; run the same command with --resume to continue"
         else:
             where = "no row was finished, so nothing was saved; run the same command again to start"
         print(f"hsd-jax eval: interrupted; {where}", file=sys.stderr)
@@ -115,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         saved = _rows_saved(results_file)
         if not saved:
             raise HsdError(f"{os_error_text(err)}; no row was finished, so nothing was saved") from err
-        raise HsdError(f"{os_error_text(err)}; {saved} finished rows are saved in {args.output}, and the same "
+        from hsd_jax.evaluate import finished_rows
+
+        raise HsdError(f"{os_error_text(err)}; {finished_rows(saved)} saved in {args.output}, and the same "
                        "command with --resume continues") from err
 
 
