@@ -333,9 +333,12 @@ def apply_threads(threads: int | None) -> dict:
     is pinned to `threads` of them; PyTorch gets `torch.set_num_threads`. None keeps every CPU the
     process may use. Returns what each framework got: `xla_threads` is None where JAX's backend
     had started before (its pool is then already sized)."""
-    from jax._src import xla_bridge
+    try:  # a private helper of JAX's: where it is gone, assume the backend has not started
+        from jax._src.xla_bridge import backends_are_initialized
 
-    started = xla_bridge.backends_are_initialized()
+        started = backends_are_initialized()
+    except (ImportError, AttributeError):
+        started = False
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     count = len(allowed) if allowed else (os.cpu_count() or 1)
     if threads is not None:

@@ -122,7 +122,8 @@ def run_suite(cases: Sequence[Case], repeats: int, json_path=None, log: Callable
     for case in cases:
         elapsed = time.perf_counter() - start
         estimate = getattr(case, "estimate_seconds", None)
-        done = took.get(getattr(case, "part", ""), [])
+        # rescaled by the finished cases of its part, or by all of them while its part has none
+        done = took.get(getattr(case, "part", ""), []) or [x for part in took.values() for x in part]
         if estimate is not None and done:
             estimate *= sum(t for t, _ in done) / sum(e for _, e in done)
         late = max_seconds is not None and (elapsed + (estimate or 0.0) > max_seconds if estimate is not None
