@@ -14,7 +14,6 @@ compile excluded (`Generation.tokens_per_second`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_cli.py, when imported from elsewhere
+from _cli import Parser  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -37,7 +38,7 @@ def make_model(folder: Path, layers: int, width: int, heads: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(__file__, description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)

@@ -8,13 +8,16 @@
 # writes OUT/plain and OUT/skip_aware (hsd-jax eval folders; --resume continues them) and
 # OUT/comparison.md + OUT/plain_vs_schedule_aware.png. ~15 min per model on 2 CPU cores.
 set -euo pipefail
-USAGE="usage: eval/commongen_finetune.sh PLAIN_FT_MODEL SKIP_AWARE_FT_MODEL OUT"
-PLAIN="$(realpath -m "${1:?$USAGE}")"
-AWARE="$(realpath -m "${2:?$USAGE}")"
-OUT="$(realpath -m "${3:?$USAGE}")"
+USAGE="PLAIN_FT_MODEL SKIP_AWARE_FT_MODEL OUT"
+source "$(dirname "$0")/../train/lib.sh"
+args 3 3 "$@"
+path_arg PLAIN "${POS[0]}" in
+path_arg AWARE "${POS[1]}" in
+path_arg OUT "${POS[2]}" out
+need python
 cd "$(dirname "$0")/.."
 ROWS=(--schedules paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72)
-eval/commongen_small.sh "$PLAIN" "$OUT/plain" "${ROWS[@]}"
-eval/commongen_small.sh "$AWARE" "$OUT/skip_aware" "${ROWS[@]}"
-python eval/compare_runs.py "$OUT/plain" "$OUT/skip_aware" --labels plain schedule-aware \
+run eval/commongen_small.sh "$PLAIN" "$OUT/plain" "${ROWS[@]}"
+run eval/commongen_small.sh "$AWARE" "$OUT/skip_aware" "${ROWS[@]}"
+exec python eval/compare_runs.py "$OUT/plain" "$OUT/skip_aware" --labels plain schedule-aware \
   --output "$OUT"

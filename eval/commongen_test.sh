@@ -7,19 +7,22 @@
 #
 #   eval/commongen_test.sh MODEL OUT
 #
-# Writes OUT/manifest.json ({"model", "rows": [{"spec", "avg_layers", "tokens_per_second",
+# Writes OUT/manifest.json ({"model", "model_sha256" (of MODEL/model.safetensors), "built_on"
+# (devices, versions, date), "settings", "rows": [{"spec", "avg_layers", "tokens_per_second",
 # "predictions"}, ...]}, each "predictions" a path relative to it), OUT/table.md and
 # OUT/predictions/<spec>.jsonl: one line per input, in input order, {"index": <0-based line
 # of commongen.test.inputs.jsonl>, "source_sha256", "prediction"}. The concept set
 # "dog_N#throw_V" is given to the model as "dog throw", the form of the training sources.
 # No scores. Running it again continues an interrupted run (--resume).
 set -euo pipefail
-USAGE="usage: eval/commongen_test.sh MODEL OUT [extra hsd-jax eval flags]"
-MODEL="$(realpath -m "${1:?$USAGE}")"
-OUT="$(realpath -m "${2:?$USAGE}")"
-shift 2
+USAGE="MODEL OUT [hsd-jax eval flags]"
+source "$(dirname "$0")/../train/lib.sh"
+args 2 2 "$@"
+path_arg MODEL "${POS[0]}" in
+path_arg OUT "${POS[1]}" out
+need hsd-jax
 cd "$(dirname "$0")/.."
 LOW_BUDGET_ROWS="hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72"
-hsd-jax eval --model "$MODEL" --dataset common_gen --split test --blind \
+exec hsd-jax eval --model "$MODEL" --dataset common_gen --split test --blind \
   --schedules paper paper-hsd-warmup $LOW_BUDGET_ROWS --num-beams 4 --max-new-tokens 40 --batch-size 32 \
-  --resume --output "$OUT" "$@"
+  --resume --output "$OUT" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -10,10 +10,12 @@ colour (the first dashed), each method family with its own marker.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_cli.py, when imported from elsewhere
+from _cli import Parser  # noqa: E402
 
 
 def _rows(folder: Path) -> dict[str, dict]:
@@ -76,7 +78,7 @@ def plot(runs: list[dict], labels: list[str], path: Path, metric: str = "R-L") -
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(__file__, description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+", help="hsd-jax eval output folders")
     parser.add_argument("--labels", nargs="+", help="one name per folder (default: the folders' names)")
     parser.add_argument("--layers", type=int, default=12, help="the models' depth, for the percentages (default 12)")

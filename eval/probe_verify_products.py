@@ -12,12 +12,21 @@ ceiling on this CPU", quotes its figures.
 """
 import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_cli.py
+from _cli import Parser  # noqa: E402
 
-I, O, N = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])  # N distinct matrices (exceed L3)
+p = Parser(__file__, description=__doc__.split("\n\n")[0])
+p.add_argument("I", type=int, help="the matrices' input width")
+p.add_argument("O", type=int, help="their output width")
+p.add_argument("N", type=int, help="how many distinct matrices (more than the CPU cache holds)")
+args = p.parse_args()
+I, O, N = args.I, args.O, args.N
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 ws = [jnp.asarray(np.random.randn(O, I).astype(np.float32) * 0.02) for _ in range(N)]
 
 def dot(x, w): return jnp.einsum("ti,oi->to", x, w)

@@ -12,16 +12,18 @@ checked against its source (index and the hash of its text) before anything is s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_cli.py, when imported from elsewhere
+from _cli import Parser  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(__file__, description=__doc__.split("\n\n")[0])
     p.add_argument("blind", type=Path, help="a folder written by hsd-jax eval --blind")
     refs = p.add_mutually_exclusive_group(required=True)
     refs.add_argument("--dataset", help="a named dataset (hsd-jax eval's --dataset)")
@@ -35,27 +37,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
 
-    from hsd_jax.data import load_dataset_pairs, read_pairs
+    from hsd_jax.errors import HsdError, os_error_text
+
+    try:
+        return score(args)
+    except (HsdError, OSError) as err:  # one line, as hsd-jax's own errors
+        print(f"{p.prog}: error: {err if isinstance(err, HsdError) else os_error_text(err)}", file=sys.stderr)
+        return 2
+
+
+def score(args) -> int:
+    from hsd_jax.data import DATASETS, load_dataset_pairs, read_pairs
+    from hsd_jax.errors import HsdError
     from hsd_jax.evaluate import (MANIFEST, PLOT, PREDICTIONS, RESULTS, TABLE, EvalResult, data_fingerprint,
                                   group_references, markdown_table, plot_quality_vs_layers)
     from hsd_jax.io import write_json, write_text
     from hsd_jax.metrics import BertScorer, all_metrics
 
+    spec = DATASETS.get(args.dataset)
+    if spec is not None and spec.local_sources is not None and args.split.partition(":")[0] == "test":
+        # a split the project reads the sources of only (hsd-jax eval --blind): no references anywhere here
+        raise HsdError(f"the {args.dataset} test references are withheld: the test set is scored outside the "
+                       "project (its leaderboard), so there is nothing to score against here; score a run of "
+                       "--split validation, or pass references you hold as --eval-file")
+    if not (args.blind / MANIFEST).is_file():
+        raise HsdError(f"{args.blind} has no {MANIFEST}; give a folder written by hsd-jax eval --blind")
     manifest = json.loads((args.blind / MANIFEST).read_text())
-    pairs = load_dataset_pairs(args.dataset, args.split) if args.dataset \
+    pairs = load_dataset_pairs(args.dataset, args.split, file_flag="--eval-file") if args.dataset \
         else read_pairs(args.eval_file, args.source_field, args.target_field)
     name = f"{args.dataset}/{args.split}" if args.dataset else args.eval_file.name
     sources, references = group_references(pairs)
     if manifest["num_sources"] != len(sources):
-        sys.exit(f"score_blind.py: {args.blind} holds {manifest['num_sources']} predictions per row, "
-                 f"{name} has {len(sources)} sources")
+        raise HsdError(f"{args.blind} holds {manifest['num_sources']} predictions per row, "
+                       f"{name} has {len(sources)} sources")
     hashes = [hashlib.sha256(s.encode()).hexdigest()[:16] for s in sources]
     scorer = BertScorer(args.bertscore_model, args.bertscore_layers) if args.bertscore_model else None
     results = []
     for row in manifest["rows"]:
         lines = [json.loads(line) for line in (args.blind / row["predictions"]).read_text().splitlines() if line]
         if [(x["index"], x["source_sha256"]) for x in lines] != list(enumerate(hashes)):
-            sys.exit(f"score_blind.py: {row['predictions']} is not aligned with {name}")
+            raise HsdError(f"{row['predictions']} is not aligned with {name}")
         predictions = [x["prediction"] for x in lines]
         scores = all_metrics(predictions, references, bertscorer=scorer)
         results.append(EvalResult(method=row["method"], spec=row["spec"], avg_layers=row["avg_layers"],

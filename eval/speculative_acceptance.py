@@ -23,11 +23,13 @@ figures do not depend on the machine.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_cli.py, when imported from elsewhere
+from _cli import Parser  # noqa: E402
 
 
 def measure(lm, prompts: list[list[int]], draft: str, k: int, max_new_tokens: int) -> dict:
@@ -72,7 +74,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(__file__, description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, metavar="LABEL=PATH")
     p.add_argument("--drafts", nargs="+", required=True, metavar="SPEC")
     p.add_argument("--k", nargs="+", type=int, default=[1, 2, 3, 4])

@@ -14,19 +14,23 @@
 # schedule, the two losses weighted equally (--skip-aware-joint; twice the compute).
 # --resume continues an interrupted run.
 set -euo pipefail
-MODEL="$(realpath -m "${1:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain|joint}")"
-OUT="$(realpath -m "${2:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain|joint}")"
-KIND="${3:?usage: train/commongen_finetune.sh PLAIN_MODEL OUT skip-aware|plain|joint}"
-shift 3
+USAGE="PLAIN_MODEL OUT skip-aware|plain|joint [hsd-jax train flags]"
+source "$(dirname "$0")/lib.sh"
+args 3 3 "$@"
+KIND="${POS[2]}"
 case "$KIND" in
   skip-aware) SKIP=(--skip-aware paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --skip-aware-prob 0.5) ;;
   joint) SKIP=(--skip-aware paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --skip-aware-joint) ;;
   plain) SKIP=() ;;
-  *) echo "train/commongen_finetune.sh: the third argument is skip-aware, plain or joint, not '$KIND'" >&2; exit 2 ;;
+  *) usage_error "the third argument is skip-aware, plain or joint, not '$KIND'" ;;
 esac
+path_arg MODEL "${POS[0]}" in
+path_arg OUT "${POS[1]}" out
+need hsd-jax
 cd "$(dirname "$0")/.."
-hsd-jax train \
+exec hsd-jax train \
   --model "$MODEL" \
   --dataset common_gen --split train --eval-split validation --eval-every 1000 --eval-limit 1000 \
   --mode full --epochs 1 --batch-size 32 --learning-rate 1e-4 --weight-decay 0.01 --seed 1 \
-  --save-every 500 --resume --output "$OUT" ${SKIP[@]+"${SKIP[@]}"} "$@"
+  --save-every 500 --resume --output "$OUT" ${SKIP[@]+"${SKIP[@]}"} \
+  ${EXTRA[@]+"${EXTRA[@]}"}

@@ -24,29 +24,31 @@
 set -euo pipefail
 export JAX_DEFAULT_MATMUL_PRECISION="${JAX_DEFAULT_MATMUL_PRECISION:-highest}"  # no TF32 on GPUs
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"  # a no-op on CPUs
-USAGE="usage: train/commongen_reproduce.sh OUT [--control]"
-OUT="$(realpath -m "${1:?$USAGE}")"
+USAGE="OUT [--control]"
+OWN_FLAGS="--control"
+source "$(dirname "$0")/lib.sh"
+args 1 1 "$@"
 CONTROL=0
-case "${2:-}" in
-  "") ;;
-  --control) CONTROL=1 ;;
-  *) echo "train/commongen_reproduce.sh: unknown argument '${2}'; $USAGE" >&2; exit 2 ;;
-esac
+if [ ${#EXTRA[@]} -gt 0 ]; then CONTROL=1; fi
+path_arg OUT "${POS[0]}" out
+need hsd-jax
 cd "$(dirname "$0")/.."
 STAGES=$((2 + CONTROL))
 START=$SECONDS
 N=0
-# $1: stage name, $2: where its model ends; the rest: the command that builds it.
+# $1: stage name, $2: where its model ends; the rest: the command that builds it (run:
+# a signal sent to this script stops it, and this script after it).
 stage() {
-  local name="$1" model="$2" t0=$SECONDS
+  local name="$1" model="$2" t0=$SECONDS status=0
   shift 2
   N=$((N + 1))
-  echo "[$N/$STAGES] $name -> $model" >&2
-  "$@" >> "$OUT/$name.log" 2>&1 || {
+  echo "[$N/$STAGES] $name -> $model (log: $OUT/$name.log)" >&2
+  run --log "$OUT/$name.log" "$@" || status=$?
+  if [ "$status" != 0 ]; then
     echo "[$N/$STAGES] $name failed; its log: $OUT/$name.log (run the same command again to continue)" >&2
     tail -n 5 "$OUT/$name.log" >&2
-    exit 1
-  }
+    exit "$status"
+  fi
   echo "[$N/$STAGES] $name done in $(( (SECONDS - t0) / 60 )) min" >&2
 }
 mkdir -p "$OUT"

@@ -18,14 +18,17 @@
 # PLAIN_MODEL comes from train/commongen_small.sh. ~100 minutes on 2 CPU cores (the control
 # about half); running it again continues where it stopped (every stage passes --resume).
 set -euo pipefail
-USAGE="usage: train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT [plain]"
-MODEL="$(realpath -m "${1:?$USAGE}")"
-OUT="$(realpath -m "${2:?$USAGE}")"
-KIND="${3:-joint}"
+USAGE="PLAIN_MODEL OUT [plain]"
+source "$(dirname "$0")/lib.sh"
+args 2 3 "$@"
+KIND="${POS[2]:-joint}"
 case "$KIND" in
   joint|plain) ;;
-  *) echo "train/commongen_schedule_aware_ft.sh: the third argument is 'plain' or nothing, not '$KIND'" >&2; exit 2 ;;
+  *) usage_error "the third argument is 'plain' or nothing, not '$KIND'" ;;
 esac
+path_arg MODEL "${POS[0]}" in
+path_arg OUT "${POS[1]}" out
+need hsd-jax
 cd "$(dirname "$0")/.."
 # $1: stage, $2: its base model; the rest: this stage's flags (the schedule's flags only
 # when schedule-aware).
@@ -37,7 +40,7 @@ stage() {
   aware=("$@")
   if [ "$KIND" = plain ]; then aware=(); fi
   echo "== $name (from $base)" >&2
-  train/commongen_finetune.sh "$base" "$OUT/$name" "$KIND" "${common[@]}" ${aware[@]+"${aware[@]}"}
+  run train/commongen_finetune.sh "$base" "$OUT/$name" "$KIND" "${common[@]}" ${aware[@]+"${aware[@]}"}
 }
 LOW=(hsd:s=2,min=0,max=1,T=72 hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=4,T=72)
 stage stage1 "$MODEL" --learning-rate 3e-4 --epochs 2 -- --skip-aware-distill 1.0

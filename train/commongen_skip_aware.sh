@@ -10,7 +10,9 @@
 #
 # Running it again resumes the run in OUT; extra flags are appended.
 set -euo pipefail
-OUT="${1:?usage: train/commongen_skip_aware.sh OUT [extra hsd-jax train flags]}"
-shift
-exec "$(dirname "$0")/commongen_small.sh" "$OUT" \
-  --skip-aware paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --skip-aware-prob 0.5 "$@"
+USAGE="OUT [hsd-jax train flags]"
+source "$(dirname "$0")/lib.sh"
+args 1 1 "$@"
+exec "$(dirname "$0")/commongen_small.sh" "${POS[0]}" \
+  --skip-aware paper hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --skip-aware-prob 0.5 \
+  ${EXTRA[@]+"${EXTRA[@]}"}

@@ -14,11 +14,14 @@
 # from-scratch model wants a larger learning rate than fine-tuning. Running the script
 # again resumes the run in OUT where it stopped; extra flags are appended.
 set -euo pipefail
-OUT="$(realpath -m "${1:?usage: train/commongen_small.sh OUT [extra hsd-jax train flags]}")"
-shift
+USAGE="OUT [hsd-jax train flags]"
+source "$(dirname "$0")/lib.sh"
+args 1 1 "$@"
+path_arg OUT "${POS[0]}" out
+need hsd-jax
 cd "$(dirname "$0")/.."
-hsd-jax train \
+exec hsd-jax train \
   --model random:train/gpt2_commongen_small.json --tokenizer bpe:4096 \
   --dataset common_gen --split train --eval-split validation --eval-every 1000 --eval-limit 1000 \
   --mode full --epochs 5 --batch-size 32 --learning-rate 1e-3 --weight-decay 0.01 --seed 0 \
-  --save-every 500 --resume --output "$OUT" "$@"
+  --save-every 500 --resume --output "$OUT" ${EXTRA[@]+"${EXTRA[@]}"}
