@@ -4,6 +4,8 @@ schedule's layers over the full model's K/V of the verified prefix."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import hsd_jax
 from hsd_jax import schedules
 from hsd_jax.models import KVCache, decode_layout, decode_step, draft_forward, forward
 from hsd_jax.train import skip_aware_active
+from tests.test_train import COMMON, pairs_file, run_cli, tiny  # noqa: F401 (fixtures)
 
 PROMPT = [5, 17, 3, 9]
 TARGET_LEN = 8
@@ -85,3 +88,49 @@ def test_no_gradient_reaches_the_draft_through_the_full_models_cache(gpt2_dir):
     # weights reach it only through the full pass's K/V, which are held fixed.
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["layers"]))
     assert float(jnp.abs(grads["wte"]).max()) > 0
+
+
+def test_a_joint_batch_in_the_draft_view_scores_the_draft_half_as_draft_steps(gpt2_dir):
+    """token_nll(draft_view=True) on a joint batch: the full half as `forward`, the schedule's
+    half as `draft_forward`'s draft, each weighted by its rows as in the decode view."""
+    import types
+
+    from hsd_jax.train import TrainConfig, _add_skip_schedule, skip_aware_schedules, token_nll
+
+    lm = hsd_jax.load(gpt2_dir, tokenizer=False)
+    config = lm.config
+    rows = skip_aware_schedules(["hsd:s=1,min=0,max=2,T=8"], config.num_layers, max_len=16)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, config.vocab_size, (2, 14)).astype(np.int32)
+    attention = np.ones_like(tokens, bool)
+    attention[1, 11:] = False
+    loss = attention.copy()
+    loss[:, :4] = False
+    cfg = TrainConfig(model="m", output="o", skip_aware=("x",), skip_aware_prob=0.6, skip_aware_joint=True)
+    joint, _ = _add_skip_schedule(types.SimpleNamespace(cfg=cfg, skip_schedules=rows, lm=lm),
+                                  {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}, step=3)
+    total, count = token_nll(lm.params, config, {k: jnp.asarray(v) for k, v in joint.items()}, draft_view=True)
+
+    full, draft = draft_forward(lm.params, config, jnp.asarray(tokens), jnp.asarray(attention),
+                                jnp.asarray(joint["active"][:, 2:]))
+
+    def nll(logits):  # per position t, the NLL of token t + 1, counted where loss_mask[t + 1]
+        logp = np.asarray(jax.nn.log_softmax(logits[:, :-1]), np.float64)
+        picked = np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return -(picked * loss[:, 1:]).sum()
+
+    expected = 2 * 0.4 * nll(full) + 2 * 0.6 * nll(draft)
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    assert float(count) == pytest.approx(2 * loss[:, 1:].sum(), rel=1e-6)
+    decode_total, _ = token_nll(lm.params, config, {k: jnp.asarray(v) for k, v in joint.items()})
+    assert abs(float(decode_total) - expected) > 1e-3  # the view changes the loss
+
+
+def test_draft_view_runs_from_the_cli_and_needs_joint_training(tiny, pairs_file, tmp_path, capsys):
+    base = ["--model", tiny, "--train-file", pairs_file, "--epochs", 1, "--devices", 1, *COMMON,
+            "--skip-aware", "hsd:s=1,min=0,max=2"]
+    assert run_cli(*base, "--skip-aware-view", "draft", "--output", tmp_path / "x") == 2
+    assert "--skip-aware-view draft needs --skip-aware-joint" in capsys.readouterr().err
+    out = tmp_path / "draft"
+    assert run_cli(*base, "--skip-aware-joint", "--skip-aware-view", "draft", "--max-steps", 2, "--output", out) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["skip_aware_view"] == "draft"

@@ -27,7 +27,7 @@ from hsd_jax.train import RUN_SETTINGS, TrainConfig
 OLD_RUN_KEYS = ("model", "tokenizer", "dataset", "split", "train_file", "source_field", "target_field", "limit",
                 "mode", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
                 "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed", "bf16", "skip_aware",
-                "skip_aware_prob", "skip_aware_joint", "skip_aware_distill")
+                "skip_aware_prob", "skip_aware_joint", "skip_aware_distill", "skip_aware_view")
 REQUIRED = ["--model", "m", "--output", "out", "--train-file", "pairs.jsonl"]
 
 

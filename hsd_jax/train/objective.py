@@ -19,7 +19,7 @@ from hsd_jax.errors import HsdError
 from hsd_jax.train.settings import TrainConfig
 
 
-def token_nll(params, config, batch, distill: float = 0.0):
+def token_nll(params, config, batch, distill: float = 0.0, draft_view: bool = False):
     """(sum of target-token NLL, number of target tokens) of a batch.
 
     Position t predicts token t + 1, counted where `loss_mask[t + 1]`. An optional
@@ -30,14 +30,21 @@ def token_nll(params, config, batch, distill: float = 0.0):
     under a schedule): the second half's loss is (1 - distill) x the reference token's NLL
     + distill x the cross-entropy against the first half's predicted distribution, which
     is held fixed (self-distillation: the skipping path learns what the full model says).
+    `draft_view` (joint batches too) computes the second half as self-speculative drafts
+    (`models.draft_forward`: each position over the full model's K/V of the earlier ones).
     """
     import jax.numpy as jnp
     import optax
 
-    from hsd_jax.models import forward
+    from hsd_jax.models import draft_forward, forward
 
     tokens = batch["tokens"]
-    logits, _ = forward(params, config, tokens, batch["attention_mask"], active=batch.get("active"))
+    if draft_view:  # the halves hold the same rows: the full model's copy, then the schedule's
+        half = tokens.shape[0] // 2
+        logits = jnp.concatenate(draft_forward(params, config, tokens[:half], batch["attention_mask"][:half],
+                                               batch["active"][:, half:]))
+    else:
+        logits, _ = forward(params, config, tokens, batch["attention_mask"], active=batch.get("active"))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])  # (B, T-1)
     if distill:
         import jax
@@ -65,9 +72,11 @@ def _compute_params(trainable, frozen, mode: str, lora_scale: float, bf16: bool)
     return params
 
 
-def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh, distill: float = 0.0):
+def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh, distill: float = 0.0,
+               draft_view: bool = False):
     """(train_step, eval_step), jitted: weights replicated over `mesh`, batches split on "data"
-    (data parallel: XLA all-reduces the gradients). `distill`: see `token_nll` (training only)."""
+    (data parallel: XLA all-reduces the gradients). `distill`, `draft_view`: see `token_nll`
+    (training only)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -78,7 +87,7 @@ def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh, disti
     def train_step(state, frozen, batch):
         def loss_of(trainable):
             total, count = token_nll(_compute_params(trainable, frozen, mode, lora_scale, bf16), config, batch,
-                                     distill)
+                                     distill, draft_view)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state["trainable"])
@@ -136,14 +145,14 @@ def warmup_length(total_steps: int, warmup_steps: int | None) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _compiled(config, optimizer: tuple, mode: str, lora_scale: float, bf16: bool, devices: tuple,
-              distill: float = 0.0):
+              distill: float = 0.0, draft_view: bool = False):
     """(tx, schedule, train_step, eval_step), reused by runs with the same settings in one
     process (a resume, a test suite), so jit's compiled programs are reused too."""
     from jax.sharding import Mesh
 
     tx, schedule = make_optimizer(*optimizer)
     mesh = Mesh(np.array(devices), ("data",))
-    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh, distill))
+    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh, distill, draft_view))
 
 
 def _devices(cfg: TrainConfig) -> list:

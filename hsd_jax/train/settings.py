@@ -122,6 +122,14 @@ class TrainConfig:
         0.0, help="joint training: the share of the schedule's loss that matches the full model's predicted "
         "distribution instead of the reference token (distils the full model into the skipping path)", resume=True,
         metavar="D")
+    # What the schedule's copy of a joint batch computes (`objective.token_nll`): "decode" is
+    # plain skip decoding, every position under the schedule; "draft" is a self-speculative
+    # draft step, each position under the schedule over the full model's K/V of the earlier
+    # ones (`models.draft_forward`), what `generate(draft=...)` runs.
+    skip_aware_view: str = setting(
+        "decode", help="joint training: train the schedule's copy as skip decoding sees it (decode: earlier "
+        "positions skipped too) or as a self-speculative draft does (draft: earlier positions from the full "
+        "model)", resume=True, choices=("decode", "draft"))
     resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
     devices: int | None = setting(None, help="use only the first N local devices (one process)", metavar="N",
                                   shown_default="all")
@@ -173,6 +181,8 @@ def _run_settings(cfg: TrainConfig) -> dict:
             settings[key] = str(found[1].resolve())
     if settings["lora_targets"] is not None:
         settings["lora_targets"] = list(settings["lora_targets"])
+    if settings["skip_aware_view"] == "decode":
+        settings["skip_aware_view"] = None  # recorded only when not the default, as the two below
     for key in ("skip_aware_joint", "skip_aware_distill"):
         if not settings[key]:
             settings[key] = None  # recorded only when set, so runs from before the flag still resume
@@ -224,6 +234,11 @@ def _check_config(cfg: TrainConfig) -> None:
     if not (math.isfinite(cfg.skip_aware_distill) and 0 <= cfg.skip_aware_distill <= 1):
         raise HsdError(f"--skip-aware-distill must be from 0 to 1 (the share of the schedule's loss taken from "
                        f"the full model's predictions), got {cfg.skip_aware_distill}")
+    if cfg.skip_aware_view not in ("decode", "draft"):
+        raise HsdError(f"--skip-aware-view must be decode or draft, got {cfg.skip_aware_view!r}")
+    if cfg.skip_aware_view == "draft" and not cfg.skip_aware_joint:
+        raise HsdError("--skip-aware-view draft needs --skip-aware-joint: the draft attends to the K/V of the "
+                       "batch's full-model copy")
     if cfg.skip_aware_distill and not cfg.skip_aware_joint:
         raise HsdError("--skip-aware-distill needs --skip-aware-joint: the full model's predictions come from "
                        "the batch's full-model copy")
