@@ -94,7 +94,8 @@ def test_every_flag_sets_its_field():
                 "--weight-decay", "0.01", "--warmup-steps", 6, "--max-grad-norm", "0.5", "--max-steps", 9,
                 "--max-length", 64, "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", " attn.c_attn, c_proj,",
                 "--seed", 11, "--bf16", "--skip-aware", "paper", "hsd:s=1,min=0,max=2", "--skip-aware-prob", "0.25",
-                "--skip-aware-joint", "--skip-aware-distill", "0.5", "--resume", "--devices", 1, "--log-every", 2,
+                "--skip-aware-joint", "--skip-aware-distill", "0.5", "--skip-aware-view", "draft", "--resume", "--devices", 1,
+                "--log-every", 2,
                 "--save-every", 10, "--keep-checkpoints", 3, "--no-progress")
     assert cfg == TrainConfig(
         model="random:gpt2", output="o", dataset="common_gen", split="validation", tokenizer="bpe:300",
@@ -102,7 +103,8 @@ def test_every_flag_sets_its_field():
         eval_limit=7, mode="lora", epochs=2, batch_size=4, learning_rate=1e-3, weight_decay=0.01, warmup_steps=6,
         max_grad_norm=0.5, max_steps=9, max_length=64, lora_rank=4, lora_alpha=8.0,
         lora_targets=("attn.c_attn", "c_proj"), seed=11, bf16=True, skip_aware=("paper", "hsd:s=1,min=0,max=2"),
-        skip_aware_prob=0.25, skip_aware_joint=True, skip_aware_distill=0.5, resume=True, devices=1, log_every=2,
+        skip_aware_prob=0.25, skip_aware_joint=True, skip_aware_distill=0.5, skip_aware_view="draft", resume=True,
+        devices=1, log_every=2,
         save_every=10, keep_checkpoints=3, progress=False)
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default}
@@ -139,7 +141,7 @@ def test_run_json_settings_keep_their_keys_and_values(tmp_path, monkeypatch):
         "limit": None, "mode": "full", "epochs": 3, "batch_size": 8, "learning_rate": 5e-5, "weight_decay": 0.0,
         "warmup_steps": None, "max_grad_norm": 1.0, "max_length": None, "lora_rank": 16, "lora_alpha": 32.0,
         "lora_targets": ["c_proj"], "seed": 0, "bf16": False, "skip_aware": None, "skip_aware_prob": None,
-        "skip_aware_joint": None, "skip_aware_distill": None}
+        "skip_aware_joint": None, "skip_aware_distill": None, "skip_aware_view": None}
     aware = train_lib._run_settings(dataclasses.replace(cfg, skip_aware=("paper",), skip_aware_prob=0.3))
     assert aware["skip_aware"] == ["paper"] and aware["skip_aware_prob"] == 0.3
 
@@ -151,7 +153,7 @@ def test_an_old_run_json_still_matches_its_settings():
     old = json.loads((Path(__file__).resolve().parents[1] / "eval/results/commongen_small/training/run.json")
                      .read_text())["settings"]
     assert set(old) == set(RUN_SETTINGS) - {"skip_aware", "skip_aware_prob", "skip_aware_joint",
-                                          "skip_aware_distill"}
+                                          "skip_aware_distill", "skip_aware_view"}
     cfg = TrainConfig(output="o", **{k: tuple(v) if isinstance(v, list) else v for k, v in old.items()})
     now = train_lib._run_settings(cfg)
     assert [k for k in RUN_SETTINGS if old.get(k) != now[k]] == []
