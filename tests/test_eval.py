@@ -97,7 +97,7 @@ def test_an_interrupted_eval_keeps_its_rows_and_resumes(model, dev, tmp_path, mo
 
     monkeypatch.setattr(evaluate_lib, "all_metrics", fail_on_second)
     assert run_eval(model, dev, out) == 130
-    assert "1 finished rows are saved" in capsys.readouterr().err
+    assert "1 finished row saved" in capsys.readouterr().err
     kept = json.loads((out / "results.json").read_text())
     assert not kept["complete"] and [r["spec"] for r in kept["rows"]] == ["vanilla"]
     assert len(list((out / "predictions").glob("*.jsonl"))) == 1

@@ -338,7 +338,7 @@ def test_a_full_disk_during_eval_names_the_saved_rows_and_resume(model, tmp_path
     assert run_cli(["eval", "--model", model, "--eval-file", dev, "--schedules", "vanilla", "hsd:s=1,min=0,max=1",
                     "--num-beams", "1", "--max-new-tokens", "2", "--no-bertscore", "--output", tmp_path / "ev"]) == 2
     err = one_line(capsys)  # was: "...: No space left on device" alone, with no word of what was kept
-    assert "No space left on device" in err and "1 finished rows are saved" in err and "--resume" in err
+    assert "No space left on device" in err and "1 finished row saved" in err and "--resume" in err
 
 
 # --- output paths -------------------------------------------------------------------------

@@ -427,7 +427,7 @@ def test_resume_with_fewer_schedules_keeps_the_other_finished_rows(model, dev, t
     assert results["rows"] == before and results["complete"]  # both rows, though only vanilla was listed
     table = (out / "table.md").read_text()
     assert all(f"`{row['spec']}`" in table and f"`{row['spec']}`" in printed for row in before)
-    assert "1 finished rows of schedules not listed now are kept" in printed
+    assert "1 finished row of schedules not listed now kept" in printed
 
 
 def test_an_interrupt_before_the_first_row_names_no_folder_that_does_not_exist(model, dev, tmp_path, monkeypatch,
