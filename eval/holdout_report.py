@@ -13,11 +13,13 @@ is decoded; nothing is written but --output.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_cli.py, when imported from elsewhere
+from _cli import Parser  # noqa: E402
 
 
 def _predictions(run: Path, row: dict, sources: list[str]) -> list[str]:
@@ -73,8 +75,8 @@ def report(run: Path, sources: list[str], references: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="e.g. python eval/holdout_report.py eval/results/commongen_test/*/dev")
+    p = Parser(__file__, description=__doc__.split("\n\n")[0],
+               epilog="e.g. python eval/holdout_report.py eval/results/commongen_test/*/dev")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="folders written by hsd-jax eval")
     p.add_argument("--dataset", default="common_gen", help="the named dataset the runs decoded (default: common_gen)")
     p.add_argument("--split", default="validation", help="its split, whole (default: validation)")

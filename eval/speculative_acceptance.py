@@ -78,15 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", required=True, metavar="LABEL=PATH")
     p.add_argument("--drafts", nargs="+", required=True, metavar="SPEC")
     p.add_argument("--k", nargs="+", type=int, default=[1, 2, 3, 4])
-    p.add_argument("--dataset", default="common_gen")
-    p.add_argument("--split", default="test")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--dataset", default="common_gen", help="a named dataset (default: common_gen)")
+    data.add_argument("--eval-file", type=Path, help="or a local file of sources (.jsonl/.json/.csv/.tsv)")
+    p.add_argument("--source-field", help="the source field of --eval-file (default: source)")
+    p.add_argument("--split", default="test", help="the split of --dataset (default: test; validation:report "
+                   "for the report half, docs/holdout.md)")
     p.add_argument("--limit", type=int, help="the first N inputs only (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
 
     import hsd_jax
-    from hsd_jax.data import encode_source, load_dataset_sources
+    from hsd_jax.data import encode_source, load_dataset_sources, read_sources
     from hsd_jax.io import write_json, write_text
 
     models = []
@@ -97,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         models.append((label, path))
     if any(k < 1 for k in args.k):
         sys.exit(f"speculative_acceptance.py: every --k must be at least 1, got {args.k}")
-    sources = load_dataset_sources(args.dataset, args.split)[: args.limit]
+    if args.eval_file:
+        sources = list(dict.fromkeys(read_sources(args.eval_file, args.source_field)))[: args.limit]
+    else:
+        sources = load_dataset_sources(args.dataset, args.split)[: args.limit]
     rows = []
     for label, path in models:
         lm = hsd_jax.load(path, layout="decode")
@@ -112,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                              "draft_layers": c, **t, **implied(t, k, c, L)})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
                 args.output.mkdir(parents=True, exist_ok=True)
-                record = {"dataset": args.dataset, "split": args.split, "num_inputs": len(sources),
+                data_name = {"eval_file": str(args.eval_file)} if args.eval_file else \
+                    {"dataset": args.dataset, "split": args.split}
+                record = {**data_name, "num_inputs": len(sources),
                           "max_new_tokens": args.max_new_tokens, "rows": rows}
                 write_json(args.output / "speculative.json", record)
                 write_text(args.output / "speculative.md", table(rows))
