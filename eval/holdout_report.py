@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if ":" in args.split:
         p.error(f"--split {args.split}: give the whole split; this script splits it into its halves")
+    for run in args.runs:  # before the data is loaded
+        if not any((run / name).is_file() for name in ("results.json", "manifest.json")):
+            p.error(f"{run} holds neither results.json nor manifest.json: give a folder hsd-jax eval wrote")
 
     from hsd_jax.data import load_dataset_pairs
     from hsd_jax.errors import HsdError
