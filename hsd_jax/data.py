@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import warnings
+import weakref
 from io import StringIO
 from pathlib import Path
 from typing import Callable, Sequence
@@ -89,16 +90,64 @@ def _assemble(src: list[int], sep: list[int], tgt: list[int], eos: int, max_len:
 
 
 def encode_source(tokenizer, source: str, max_len: int, *, cut: bool = True, where: str = "the source",
-                  fix: str = "shorten it") -> list[int]:
+                  fix: str = "shorten it", separator: bool = True) -> list[int]:
     """Prompt token ids for `source`, cut (as training cuts it) so the prompt has at most
-    `max_len` tokens; with `cut=False` a longer prompt is an HsdError naming `where` and `fix`."""
-    src, sep = _ids(tokenizer, [source.strip(), SEPARATOR])
+    `max_len` tokens; with `cut=False` a longer prompt is an HsdError naming `where` and `fix`.
+    `separator=False`: `source` is a plain prompt, tokenized as given (`hsd_jax.generate`'s
+    way), with nothing added (hsd-jax generate without --seq2seq).
+
+    A source far too long is known by its characters, without tokenizing it all (a 10 MB
+    line took 3 GB and 24 s): no token covers more characters than the longest string in
+    the vocabulary (byte-level BPE, as GPT-2's and Phi's: a token is at most that many
+    bytes), so a text longer than `max_len` times that cannot fit, and the first
+    `max_len` tokens of a longer text lie within that many characters."""
+    require_utf8(source, where)
+    text = source.strip() if separator else source
+    sep = _ids(tokenizer, [SEPARATOR])[0] if separator else []
     if len(sep) >= max_len:
         raise HsdError(f"max_len {max_len} leaves no room for a source before the separator")
+    room = max_len - len(sep)
+    with_sep = " with the separator" if separator else ""
+    if len(text) > room:  # only then can the characters tell (a token covers at least one)
+        longest = _longest_token(tokenizer)
+        reach = room * longest
+        if len(text) > reach:
+            if not cut:
+                raise HsdError(f"{where} is {len(text):,} characters, too long for the {max_len} tokens that fit"
+                               f"{with_sep} (a token covers at most {longest} characters); {fix}")
+            text = text[:reach]
+    src = _ids(tokenizer, [text])[0] if separator else tokenizer.encode(text)
     if not cut and len(src) + len(sep) > max_len:
-        raise HsdError(f"{where} is {len(src) + len(sep)} tokens with the separator, more than the {max_len} "
+        raise HsdError(f"{where} is {len(src) + len(sep)} tokens{with_sep}, more than the {max_len} "
                        f"that fit; {fix}")
-    return src[: max_len - len(sep)] + sep
+    return src[:room] + sep
+
+
+def require_utf8(text: str, where: str) -> None:
+    """An HsdError if `text` holds a lone surrogate, which no tokenizer takes (its TypeError
+    says nothing of the text): what Python makes of command-line bytes that are not UTF-8,
+    or a JSON escape such as "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise HsdError(f"{where} holds {text[err.start]!r} at character {err.start + 1}, which is not text (bytes "
+                       "that are not UTF-8, or a JSON escape of half a character); give UTF-8 text") from None
+
+
+_LONGEST_TOKEN = weakref.WeakKeyDictionary()  # tokenizer -> its longest vocabulary string, in characters
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest string of the vocabulary (added tokens included): at least
+    the characters of text one token stands for. Worked out once per tokenizer (16 ms for GPT-2's)."""
+    try:
+        return _LONGEST_TOKEN[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referable: worked out each time
+        return max(map(len, tokenizer.get_vocab()))
+    _LONGEST_TOKEN[tokenizer] = longest = max(map(len, tokenizer.get_vocab()))
+    return longest
 
 
 def encode_pair(tokenizer, source: str, target: str, max_len: int) -> tuple[list[int], int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 import warnings
 from typing import Any, Iterator, Sequence
@@ -40,6 +41,7 @@ import numpy as np
 
 from hsd_jax import distributed
 from hsd_jax.calm import CalmSteps
+from hsd_jax.data import require_utf8
 from hsd_jax.engine import MODES, ScheduleSteps
 from hsd_jax.errors import HsdError
 from hsd_jax.models import family
@@ -144,29 +146,30 @@ def generate(
     the same on any number; `Generation.devices` says how many were used. "eager" mode,
     the reference, runs on one device.
     """
+    num_beams, max_new_tokens, pad_to_multiple_of = (positive_int(name, value) for name, value in (
+        ("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("pad_to_multiple_of", pad_to_multiple_of)))
+    num_draft_tokens = None if num_draft_tokens is None else positive_int("num_draft_tokens", num_draft_tokens)
+    devices = None if devices is None else positive_int("devices", devices, "or None for all local devices")
     rows = _prompt_rows(lm, input_ids, prompts, attention_mask)
     if mode not in MODES:
         raise HsdError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-    placed = distributed.local_devices(devices)
+    placed = _devices(devices)
     if mode == "eager" and devices is not None and devices > 1:
         raise HsdError(f"eager mode is the one-device reference and cannot split the batch over {devices} "
                        "devices; use mode 'compiled' or 'static', or devices=1")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise HsdError(f"num_beams must be a positive integer, got {num_beams!r}")
     if num_beams > lm.config.vocab_size:  # each beam must be able to hold a different token
         raise HsdError(f"num_beams ({num_beams}) exceeds the model's vocabulary of {lm.config.vocab_size} tokens; "
                        "use fewer beams")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
             or not math.isfinite(length_penalty):
         raise HsdError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise HsdError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    length_penalty = float(length_penalty)
     if early_stopping not in (True, False, "never"):
         raise HsdError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     config = lm.config
-    eos = config.eos_token_id if eos_token_id is _DEFAULT else eos_token_id
-    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
-                                                         else (eos if eos is not None else 0))
+    eos = config.eos_token_id if eos_token_id is _DEFAULT else _token_id("eos_token_id", eos_token_id, config)
+    pad = _token_id("pad_token_id", pad_token_id, config) if pad_token_id is not None else (
+        config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0))
     sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
     speculative = _draft(draft, num_draft_tokens, sched, num_beams, config.num_layers, max_new_tokens)
     mode = _static_or_compiled(sched, mode)
@@ -263,8 +266,9 @@ def iter_batches(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequence[i
     """
     from hsd_jax.progress import progress
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise HsdError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
+    if devices is not None:
+        devices = positive_int("devices", devices, "or None for all local devices")
     prompts = list(prompts)
     if not prompts:
         raise HsdError("no prompts given")
@@ -322,8 +326,9 @@ def _check_fit(lm: LanguageModel, rows: list[list[int]], start: int, max_new_tok
     """The first of `rows` (the prompts from number `start` on) that GPT-2's learned positions
     cannot hold with `max_new_tokens` after it, as an HsdError counting prompts from 1."""
     limit = lm.config.max_position
-    if not family(lm.config).learned_positions or not isinstance(max_new_tokens, int):
-        return  # rotary positions have no table to run past; generate checks the type
+    if not family(lm.config).learned_positions:
+        return  # rotary positions have no table to run past
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     for i, row in enumerate(rows, start + 1):
         if len(row) + max_new_tokens > limit:
             raise HsdError(f"prompt {i} of {start + len(rows)} is {len(row)} tokens, and with max_new_tokens "
@@ -353,6 +358,41 @@ def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequen
         else {key: sum(out.draft_stats[key] for out in parts) for key in first.draft_stats},
         devices=max(out.devices for out in parts),
     )
+
+
+def positive_int(name: str, value, also: str = "") -> int:
+    """`value` as an int, when it is a whole number of at least 1: a Python or NumPy integer
+    (np.int64 from an array is as good as 8), not a bool, a float or a string. `also` names
+    another accepted value in the error ("or None for ...")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise HsdError(f"{name} must be a positive integer{f' ({also})' if also else ''}, got {value!r}")
+    return int(value)
+
+
+def _token_id(name: str, value, config) -> int | None:
+    """`value` as a token id of the model's vocabulary (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise HsdError(f"{name} must be one token id (an integer) or None, got {value!r}")
+    if not 0 <= value < config.vocab_size:
+        raise HsdError(f"{name} {value} is outside the model's vocabulary of {config.vocab_size} tokens "
+                       f"(ids 0 to {config.vocab_size - 1}); pass an id of this model's tokenizer")
+    return int(value)
+
+
+def _devices(devices: int | None) -> list:
+    """The devices to split over (`distributed.local_devices`); a JAX_PLATFORMS that this JAX
+    cannot serve is an HsdError saying how to fix it, not JAX's bare AssertionError."""
+    try:
+        return distributed.local_devices(devices)
+    except (AssertionError, RuntimeError) as err:
+        from hsd_jax.cli import backend_problem
+
+        problem = backend_problem(err)
+        if problem is None:
+            raise
+        raise HsdError(problem) from None
 
 
 # Static mode compiles one decode loop per segment of the schedule, so its compile time
@@ -399,11 +439,21 @@ def _prompt_rows(lm: LanguageModel, input_ids, prompts, attention_mask=None) -> 
         if lm.tokenizer is None:
             raise HsdError(f"{lm.source or 'this model'} has no tokenizer; pass input_ids instead of prompts, "
                            "or load a folder with tokenizer files")
+        for i, p in enumerate(prompts):
+            require_utf8(p, f"prompt {i}")
         rows = [lm.tokenizer.encode(p) for p in prompts]
     elif attention_mask is not None:  # a padded array: keep each row's real tokens
-        rows = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(np.asarray(input_ids), np.asarray(attention_mask))]
+        ids, keep = _token_array(input_ids, "input_ids"), np.asarray(attention_mask)
+        if keep.shape != ids.shape:
+            raise HsdError(f"attention_mask has shape {keep.shape} but input_ids {ids.shape}; they must match")
+        rows = [r[m.astype(bool)].tolist() for r, m in zip(ids, keep)]
     else:
-        rows = [[int(t) for t in r] for r in input_ids]
+        first = input_ids[0] if len(input_ids) else None
+        if isinstance(input_ids, (str, bytes)) or isinstance(first, numbers.Number) \
+                or getattr(first, "ndim", None) == 0:  # e.g. [1, 2, 3]: one prompt, not a batch
+            raise HsdError("input_ids takes a batch: a list of token lists, one per prompt (e.g. [[1, 2, 3]] "
+                           "for one prompt)")
+        rows = [_token_array(r, f"prompt {i}").tolist() for i, r in enumerate(input_ids)]
     if not rows:
         raise HsdError("no prompts given")
     for i, r in enumerate(rows):
@@ -413,6 +463,29 @@ def _prompt_rows(lm: LanguageModel, input_ids, prompts, attention_mask=None) -> 
         if bad:
             raise HsdError(f"prompt {i} has token ids outside the vocabulary [0, {lm.config.vocab_size}): {bad[:5]}")
     return rows
+
+
+def _token_array(ids, what: str) -> np.ndarray:
+    """`ids` as an integer array; floats (7.5 would become 7), bools and text are refused,
+    as is a row that is not flat. An empty row stays empty (its caller says so)."""
+    try:
+        array = np.asarray(ids)
+    except ValueError:  # ragged rows inside one prompt
+        raise HsdError(f"{what} is not a flat list of token ids") from None
+    if array.size == 0:
+        return array.astype(np.int64).reshape(array.shape)
+    if array.dtype.kind not in "iu":
+        flat = array.reshape(-1)
+        # The first value that is not a whole number (7.5, not the 3.0 before it; None, not the 1).
+        whole = [isinstance(x, numbers.Integral) or isinstance(x, float) and x.is_integer() for x in flat.tolist()]
+        sample = flat[whole.index(False) if False in whole else 0]
+        sample = sample.item() if isinstance(sample, np.generic) else sample
+        raise HsdError(f"{what} holds {type(sample).__name__} values (e.g. {sample!r:.40}), not integer token ids; "
+                       "pass integers "
+                       "(e.g. tokenizer output, or np.asarray(ids, dtype=int) if they are whole numbers)")
+    if array.ndim != (2 if what == "input_ids" else 1):
+        raise HsdError(f"{what} has shape {array.shape}; give one flat list of token ids per prompt")
+    return array
 
 
 def _left_pad(rows: list[list[int]], pad: int, multiple: int = 1, limit: int | None = None):

@@ -34,6 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--field", default="prompt", help="jsonl field holding the prompt (default: prompt)")
     p.add_argument("--seq2seq", action="store_true",
                    help="prompts are sources for a model fine-tuned by hsd-jax train: add its separator")
+    p.add_argument("--truncate-sources", action="store_true",
+                   help="cut a prompt too long for the model's context (with --max-new-tokens) from its end, as "
+                   "training cuts a source (its start is kept); without it such a prompt is refused, naming it, "
+                   "before anything is decoded, as hsd-jax eval refuses a source too long")
     p.add_argument("--output", type=Path,
                    help="write one JSON line per prompt here; rows are saved to OUTPUT.partial as batches "
                         "finish (the options that made them to OUTPUT.settings.json, so --resume can check "
@@ -256,11 +260,12 @@ def run(args: argparse.Namespace) -> int:
             if not prompt.strip():
                 raise HsdError(f"--prompt number {n} of {len(args.prompt)} is "
                                f"{'empty' if not prompt else 'only whitespace'}; every prompt needs text")
-    prompts = args.prompt if args.prompt else read_prompts(args.input_file, args.field)
+    sources = args.prompt if args.prompt else read_prompts(args.input_file, args.field)
+    prompts = sources  # what the rows name (with --seq2seq, the text the model is given)
     if args.seq2seq:
         from hsd_jax.data import format_source
 
-        prompts = [format_source(p) for p in prompts]
+        prompts = [format_source(p) for p in sources]
     distributed.maybe_initialize()  # a launcher's several processes (docs/multihost.md); before JAX's devices
     distributed.local_devices(args.devices)  # too many: said now, not after the model has loaded
     if args.prompt and not distributed.is_lead():
@@ -284,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.showwarning = _show_warning
         try:
             with distributed.together("generate"):
-                return _decode(args, prompts, out, done, decoded)
+                return _decode(args, sources, prompts, out, done, decoded)
         except KeyboardInterrupt:
             text = _interrupted(out, len(prompts), len(decoded)) if distributed.is_lead() else \
                 f"interrupted (process {distributed.process_index()}); process 0 keeps the rows it has written"
@@ -297,9 +302,9 @@ def run(args: argparse.Namespace) -> int:
             raise
 
 
-def _decode(args: argparse.Namespace, prompts: list[str], out, done: int, decoded: list) -> int:
-    """Decodes prompts[done:]; `out` is None without --output and on processes other than 0.
-    `decoded` gets the rows as they come."""
+def _decode(args: argparse.Namespace, sources: list[str], prompts: list[str], out, done: int, decoded: list) -> int:
+    """Decodes prompts[done:] (made from `sources`, the prompts as given); `out` is None without
+    --output and on processes other than 0. `decoded` gets the rows as they come."""
     import hsd_jax
     from hsd_jax import distributed
     from hsd_jax.generate import iter_batches
@@ -322,10 +327,11 @@ def _decode(args: argparse.Namespace, prompts: list[str], out, done: int, decode
     if args.draft is not None or args.num_draft_tokens is not None:
         options.update(draft=args.draft, num_draft_tokens=args.num_draft_tokens)
 
+    ids = [[]] * done + _encode(args, lm, sources, done)
     if args.prompt:  # a handful of prompts: one batch, exactly as given
-        batches = [(done, hsd_jax.generate(lm, prompts=prompts[done:], devices=args.devices, **options))]
+        batches = [(done, hsd_jax.generate(lm, input_ids=ids[done:], devices=args.devices, **options))]
     else:  # over several processes, the others' batches come to process 0 (and only there)
-        batches = iter_batches(lm, prompts, batch_size=args.batch_size, start=done, devices=args.devices,
+        batches = iter_batches(lm, ids, batch_size=args.batch_size, start=done, devices=args.devices,
                                split_processes=True, **options)
     rows, parts = [], []
     printing = not args.output or args.json
@@ -343,6 +349,23 @@ def _decode(args: argparse.Namespace, prompts: list[str], out, done: int, decode
     if parts:  # process 0's: the others hand it their rows
         _summary(args, lm, parts, rows, done, 1 if args.prompt else distributed.process_count())
     return 0
+
+
+def _encode(args: argparse.Namespace, lm, sources: list[str], done: int) -> list[list[int]]:
+    """Token ids of sources[done:], each checked against the model's context (with
+    --max-new-tokens) before anything is decoded, or cut to it with --truncate-sources:
+    eval's rule, in `encode_source`, which also refuses a huge line without tokenizing it all."""
+    from hsd_jax.data import encode_source
+
+    room = lm.config.max_position - args.max_new_tokens
+    if room < 1 + args.seq2seq:  # a token of prompt, and the separator
+        raise HsdError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                       f"{lm.config.max_position}-token context; lower it")
+    fix = ("shorten it, lower --max-new-tokens, or pass --truncate-sources to cut long prompts from their end "
+           "(nothing was decoded)")
+    return [encode_source(lm.tokenizer, source, room, cut=args.truncate_sources, separator=args.seq2seq, fix=fix,
+                          where=f"prompt {n} of {len(sources)}")
+            for n, source in enumerate(sources[done:], done + 1)]
 
 
 def _summary(args: argparse.Namespace, lm, parts: list, rows: list[dict], done: int, processes: int = 1) -> None:
