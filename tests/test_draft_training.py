@@ -91,8 +91,9 @@ def test_no_gradient_reaches_the_draft_through_the_full_models_cache(gpt2_dir):
 
 
 def test_a_joint_batch_in_the_draft_view_scores_the_draft_half_as_draft_steps(gpt2_dir):
-    """token_nll(draft_view=True) on a joint batch: the full half as `forward`, the schedule's
-    half as `draft_forward`'s draft, each weighted by its rows as in the decode view."""
+    """token_nll(view="draft") on a joint batch: the full half as `forward`, the schedule's
+    half as `draft_forward`'s draft, each weighted by its rows as in the decode view; "both"
+    takes the mean of the draft's and the decode view's schedule losses."""
     import types
 
     from hsd_jax.train import TrainConfig, _add_skip_schedule, skip_aware_schedules, token_nll
@@ -109,7 +110,8 @@ def test_a_joint_batch_in_the_draft_view_scores_the_draft_half_as_draft_steps(gp
     cfg = TrainConfig(model="m", output="o", skip_aware=("x",), skip_aware_prob=0.6, skip_aware_joint=True)
     joint, _ = _add_skip_schedule(types.SimpleNamespace(cfg=cfg, skip_schedules=rows, lm=lm),
                                   {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}, step=3)
-    total, count = token_nll(lm.params, config, {k: jnp.asarray(v) for k, v in joint.items()}, draft_view=True)
+    batch = {k: jnp.asarray(v) for k, v in joint.items()}
+    total, count = token_nll(lm.params, config, batch, view="draft")
 
     full, draft = draft_forward(lm.params, config, jnp.asarray(tokens), jnp.asarray(attention),
                                 jnp.asarray(joint["active"][:, 2:]))
@@ -122,8 +124,14 @@ def test_a_joint_batch_in_the_draft_view_scores_the_draft_half_as_draft_steps(gp
     expected = 2 * 0.4 * nll(full) + 2 * 0.6 * nll(draft)
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     assert float(count) == pytest.approx(2 * loss[:, 1:].sum(), rel=1e-6)
-    decode_total, _ = token_nll(lm.params, config, {k: jnp.asarray(v) for k, v in joint.items()})
-    assert abs(float(decode_total) - expected) > 1e-3  # the view changes the loss
+    decoded, _ = forward(lm.params, config, jnp.asarray(tokens), jnp.asarray(attention),
+                         active=jnp.asarray(joint["active"][:, 2:]))
+    decode_expected = 2 * 0.4 * nll(full) + 2 * 0.6 * nll(decoded)
+    decode_total, _ = token_nll(lm.params, config, batch)
+    np.testing.assert_allclose(float(decode_total), decode_expected, rtol=1e-5)
+    assert abs(decode_expected - expected) > 1e-3  # the view changes the loss
+    both, _ = token_nll(lm.params, config, batch, view="both")
+    np.testing.assert_allclose(float(both), 2 * 0.4 * nll(full) + 0.6 * (nll(draft) + nll(decoded)), rtol=1e-5)
 
 
 def test_draft_view_runs_from_the_cli_and_needs_joint_training(tiny, pairs_file, tmp_path, capsys):
@@ -131,6 +139,9 @@ def test_draft_view_runs_from_the_cli_and_needs_joint_training(tiny, pairs_file,
             "--skip-aware", "hsd:s=1,min=0,max=2"]
     assert run_cli(*base, "--skip-aware-view", "draft", "--output", tmp_path / "x") == 2
     assert "--skip-aware-view draft needs --skip-aware-joint" in capsys.readouterr().err
-    out = tmp_path / "draft"
-    assert run_cli(*base, "--skip-aware-joint", "--skip-aware-view", "draft", "--max-steps", 2, "--output", out) == 0
-    assert json.loads((out / "run.json").read_text())["settings"]["skip_aware_view"] == "draft"
+    assert run_cli(*base, "--skip-aware-view", "both", "--output", tmp_path / "x") == 2
+    assert "--skip-aware-view both needs --skip-aware-joint" in capsys.readouterr().err
+    for view in ("draft", "both"):
+        out = tmp_path / view
+        assert run_cli(*base, "--skip-aware-joint", "--skip-aware-view", view, "--max-steps", 2, "--output", out) == 0
+        assert json.loads((out / "run.json").read_text())["settings"]["skip_aware_view"] == view

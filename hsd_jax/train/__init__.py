@@ -217,7 +217,7 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
     optimizer = (cfg.learning_rate, total, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm)
     tx, schedule, train_step, eval_step = _compiled(config, optimizer, cfg.mode, lora_cfg.scale, cfg.bf16,
                                                     tuple(devices), cfg.skip_aware_distill,
-                                                    cfg.skip_aware_view == "draft")
+                                                    cfg.skip_aware_view)
     state, frozen = _initial_state(cfg, lm, tx, lora_cfg, NamedSharding(mesh, P()))
     num_trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
     settings = _run_settings(cfg)

@@ -19,7 +19,7 @@ from hsd_jax.errors import HsdError
 from hsd_jax.train.settings import TrainConfig
 
 
-def token_nll(params, config, batch, distill: float = 0.0, draft_view: bool = False):
+def token_nll(params, config, batch, distill: float = 0.0, view: str = "decode"):
     """(sum of target-token NLL, number of target tokens) of a batch.
 
     Position t predicts token t + 1, counted where `loss_mask[t + 1]`. An optional
@@ -30,29 +30,43 @@ def token_nll(params, config, batch, distill: float = 0.0, draft_view: bool = Fa
     under a schedule): the second half's loss is (1 - distill) x the reference token's NLL
     + distill x the cross-entropy against the first half's predicted distribution, which
     is held fixed (self-distillation: the skipping path learns what the full model says).
-    `draft_view` (joint batches too) computes the second half as self-speculative drafts
-    (`models.draft_forward`: each position over the full model's K/V of the earlier ones).
+    `view` (joint batches) is how the second half is computed: "decode", skip decoding
+    (every position under the schedule); "draft", self-speculative drafts
+    (`models.draft_forward`: each position over the full model's K/V of the earlier ones);
+    "both", the mean of the two losses.
     """
+    import jax
     import jax.numpy as jnp
     import optax
 
     from hsd_jax.models import draft_forward, forward
 
-    tokens = batch["tokens"]
-    if draft_view:  # the halves hold the same rows: the full model's copy, then the schedule's
-        half = tokens.shape[0] // 2
-        logits = jnp.concatenate(draft_forward(params, config, tokens[:half], batch["attention_mask"][:half],
-                                               batch["active"][:, half:]))
-    else:
-        logits, _ = forward(params, config, tokens, batch["attention_mask"], active=batch.get("active"))
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])  # (B, T-1)
-    if distill:
-        import jax
+    tokens, mask = batch["tokens"], batch["attention_mask"]
 
-        half = tokens.shape[0] // 2
-        teacher = jax.nn.softmax(jax.lax.stop_gradient(logits[:half, :-1]))
-        soft = optax.softmax_cross_entropy(logits[half:, :-1], teacher)
-        nll = jnp.concatenate([nll[:half], (1 - distill) * nll[half:] + distill * soft])
+    def nll_of(logits, targets):  # (B, T-1)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets[:, 1:])
+
+    half = tokens.shape[0] // 2
+    if view == "decode":
+        logits, _ = forward(params, config, tokens, mask, active=batch.get("active"))
+        nll = nll_of(logits, tokens)
+        full, students = logits[:half], [logits[half:]]
+    else:  # the halves hold the same rows: the full model's copy, then the schedule's
+        full, draft = draft_forward(params, config, tokens[:half], mask[:half], batch["active"][:, half:])
+        students = [draft]
+        if view == "both":
+            students.append(forward(params, config, tokens[half:], mask[half:], active=batch["active"][:, half:])[0])
+        nll = None
+    if distill or nll is None:
+        teacher = jax.nn.softmax(jax.lax.stop_gradient(full[:, :-1]))
+
+        def schedule_loss(student):
+            hard = nll_of(student, tokens[half:])
+            return (1 - distill) * hard + distill * optax.softmax_cross_entropy(student[:, :-1], teacher) \
+                if distill else hard
+
+        sched = sum(schedule_loss(s) for s in students) / len(students)
+        nll = jnp.concatenate([nll_of(full, tokens[:half]) if nll is None else nll[:half], sched])
     weight = batch["loss_mask"][:, 1:].astype(jnp.float32)
     if "row_weight" in batch:
         weight = weight * batch["row_weight"][:, None]
@@ -73,9 +87,9 @@ def _compute_params(trainable, frozen, mode: str, lora_scale: float, bf16: bool)
 
 
 def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh, distill: float = 0.0,
-               draft_view: bool = False):
+               view: str = "decode"):
     """(train_step, eval_step), jitted: weights replicated over `mesh`, batches split on "data"
-    (data parallel: XLA all-reduces the gradients). `distill`, `draft_view`: see `token_nll`
+    (data parallel: XLA all-reduces the gradients). `distill`, `view`: see `token_nll`
     (training only)."""
     import jax
     import jax.numpy as jnp
@@ -87,7 +101,7 @@ def make_steps(config, tx, mode: str, lora_scale: float, bf16: bool, mesh, disti
     def train_step(state, frozen, batch):
         def loss_of(trainable):
             total, count = token_nll(_compute_params(trainable, frozen, mode, lora_scale, bf16), config, batch,
-                                     distill, draft_view)
+                                     distill, view)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state["trainable"])
@@ -145,14 +159,14 @@ def warmup_length(total_steps: int, warmup_steps: int | None) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _compiled(config, optimizer: tuple, mode: str, lora_scale: float, bf16: bool, devices: tuple,
-              distill: float = 0.0, draft_view: bool = False):
+              distill: float = 0.0, view: str = "decode"):
     """(tx, schedule, train_step, eval_step), reused by runs with the same settings in one
     process (a resume, a test suite), so jit's compiled programs are reused too."""
     from jax.sharding import Mesh
 
     tx, schedule = make_optimizer(*optimizer)
     mesh = Mesh(np.array(devices), ("data",))
-    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh, distill, draft_view))
+    return (tx, schedule, *make_steps(config, tx, mode, lora_scale, bf16, mesh, distill, view))
 
 
 def _devices(cfg: TrainConfig) -> list:

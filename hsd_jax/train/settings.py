@@ -125,11 +125,12 @@ class TrainConfig:
     # What the schedule's copy of a joint batch computes (`objective.token_nll`): "decode" is
     # plain skip decoding, every position under the schedule; "draft" is a self-speculative
     # draft step, each position under the schedule over the full model's K/V of the earlier
-    # ones (`models.draft_forward`), what `generate(draft=...)` runs.
+    # ones (`models.draft_forward`), what `generate(draft=...)` runs; "both" averages the two.
     skip_aware_view: str = setting(
-        "decode", help="joint training: train the schedule's copy as skip decoding sees it (decode: earlier "
-        "positions skipped too) or as a self-speculative draft does (draft: earlier positions from the full "
-        "model)", resume=True, choices=("decode", "draft"))
+        "decode", help="joint training: train the schedule's copy as skip decoding runs it (decode: earlier "
+        "positions skipped too), as a self-speculative draft does (draft: earlier positions from the full "
+        "model), or both (the mean of the two losses, 1.5x the compute)", resume=True,
+        choices=("decode", "draft", "both"))
     resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
     devices: int | None = setting(None, help="use only the first N local devices (one process)", metavar="N",
                                   shown_default="all")
@@ -234,11 +235,11 @@ def _check_config(cfg: TrainConfig) -> None:
     if not (math.isfinite(cfg.skip_aware_distill) and 0 <= cfg.skip_aware_distill <= 1):
         raise HsdError(f"--skip-aware-distill must be from 0 to 1 (the share of the schedule's loss taken from "
                        f"the full model's predictions), got {cfg.skip_aware_distill}")
-    if cfg.skip_aware_view not in ("decode", "draft"):
-        raise HsdError(f"--skip-aware-view must be decode or draft, got {cfg.skip_aware_view!r}")
-    if cfg.skip_aware_view == "draft" and not cfg.skip_aware_joint:
-        raise HsdError("--skip-aware-view draft needs --skip-aware-joint: the draft attends to the K/V of the "
-                       "batch's full-model copy")
+    if cfg.skip_aware_view not in ("decode", "draft", "both"):
+        raise HsdError(f"--skip-aware-view must be decode, draft or both, got {cfg.skip_aware_view!r}")
+    if cfg.skip_aware_view != "decode" and not cfg.skip_aware_joint:
+        raise HsdError(f"--skip-aware-view {cfg.skip_aware_view} needs --skip-aware-joint: the draft attends to "
+                       "the K/V of the batch's full-model copy")
     if cfg.skip_aware_distill and not cfg.skip_aware_joint:
         raise HsdError("--skip-aware-distill needs --skip-aware-joint: the full model's predictions come from "
                        "the batch's full-model copy")
