@@ -5,12 +5,19 @@
     out = hsd_jax.generate(lm, prompts=["Hello"], schedule="hsd:s=1,min=0,max=6")
 """
 
-from hsd_jax.checkpoint import save_pretrained
-from hsd_jax.errors import HsdError
-from hsd_jax.generate import Generation, generate, generate_batched
-from hsd_jax.models import KVCache, ModelConfig
-from hsd_jax.models.modules import CausalLM, GPT2LMHeadModel, LanguageModel, PhiForCausalLM, load
-from hsd_jax.schedules import CalmConfig, Schedule, list_presets, schedule
+import logging
+
+# The default install has no torch (BERTScore's extra brings it) and hsd-jax uses only
+# transformers' tokenizers and configs; transformers' "PyTorch was not found. Models won't
+# be available" would open every command and every `import hsd_jax`. Set before it loads.
+logging.getLogger("transformers").addFilter(lambda record: "PyTorch was not found" not in record.getMessage())
+
+from hsd_jax.checkpoint import save_pretrained  # noqa: E402
+from hsd_jax.errors import HsdError  # noqa: E402
+from hsd_jax.generate import Generation, generate, generate_batched  # noqa: E402
+from hsd_jax.models import KVCache, ModelConfig  # noqa: E402
+from hsd_jax.models.modules import CausalLM, GPT2LMHeadModel, LanguageModel, PhiForCausalLM, load  # noqa: E402
+from hsd_jax.schedules import CalmConfig, Schedule, list_presets, schedule  # noqa: E402
 
 __all__ = [
     "CalmConfig", "CausalLM", "GPT2LMHeadModel", "Generation", "HsdError", "KVCache", "LanguageModel", "ModelConfig",

@@ -11,7 +11,7 @@ terminated job.
 
 A JAX_PLATFORMS that this install cannot serve (cuda without the CUDA plugin, a name JAX
 does not know) fails inside JAX at the first use of a device, wherever a command makes
-it; `backend_problem` turns that failure into one line here, for every command.
+it; `platform.backend_problem` turns that failure into one line here, for every command.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import warnings
 
 from hsd_jax.errors import HsdError, HsdWarning, os_error_text
+from hsd_jax.platform import backend_problem
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = ("demo", "generate", "schedule", "train", "eval", "bench")
@@ -68,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; returns its exit code. Run as the program (no `argv`), an interrupted
     command ends the process itself (see `_exit_now`)."""
-    _quiet_without_torch()
     try:
         code = _run(argv)
         sys.stdout.flush()  # so a closed pipe shows up here, not as a message at exit
@@ -91,20 +91,6 @@ def _exit_now(code: int) -> None:
         with contextlib.suppress(Exception):  # a closed pipe: its reader has gone
             stream.flush()
     os._exit(code)
-
-
-def _quiet_without_torch() -> None:
-    """The default install has no torch (BERTScore's extra brings it), and hsd-jax uses only
-    transformers' tokenizers and configs; transformers would say "PyTorch was not found.
-    Models won't be available" on every command. That advice is silenced then."""
-    import importlib.util
-
-    try:
-        missing = importlib.util.find_spec("torch") is None
-    except (ImportError, ValueError):  # a broken or blocked torch
-        missing = True
-    if missing:
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def stdout_to_devnull() -> None:
@@ -155,58 +141,6 @@ def _run(argv: list[str] | None) -> int:
     # SIGTERM ran the Ctrl-C path (work saved, one line), but the exit code says which
     # signal it was, so a scheduler that sent it sees the job as terminated.
     return TERMINATED if terminated and code == INTERRUPTED else code
-
-
-# The fix for each platform JAX_PLATFORMS may ask for and this install cannot start
-# (docs.jax.dev/en/latest/installation.html: cuda13 leads there, cuda12 serves older drivers).
-_INSTALL = {
-    "cuda": 'install it with pip install -U "jax[cuda13]" (or "jax[cuda12]" for a CUDA 12 driver)',
-    "rocm": "install JAX's ROCm plugin (docs.jax.dev/en/latest/installation.html)",
-    "tpu": 'on a TPU VM, install it with pip install -U "jax[tpu]"',
-}
-
-
-def backend_problem(err: BaseException) -> str | None:
-    """One line for a failure of JAX to start the backend JAX_PLATFORMS asks for, naming the
-    fix; None for any other error. JAX raises a bare AssertionError when cuda is asked for
-    and none is there, a RuntimeError for other platforms; both come from its xla_bridge."""
-    wanted = os.environ.get("JAX_PLATFORMS", "").strip()
-    if not wanted or not isinstance(err, (AssertionError, RuntimeError)) or not _raised_in_xla_bridge(err):
-        return None
-    asked = [p.strip().lower() for p in wanted.split(",") if p.strip()]
-    unset = "or unset JAX_PLATFORMS to let JAX use what it has (the CPU at least)"
-    if any(p in ("cuda", "gpu") for p in asked):  # "gpu" means cuda or rocm
-        if not _cuda_plugin_installed():
-            return (f"JAX_PLATFORMS={wanted} asks for an NVIDIA GPU, but this JAX install has no CUDA backend "
-                    f"(jaxlib without the CUDA plugin); {_INSTALL['cuda']}, {unset}")
-        return (f"JAX_PLATFORMS={wanted} asks for an NVIDIA GPU, but JAX sees none (check nvidia-smi and "
-                f"CUDA_VISIBLE_DEVICES), {unset}")
-    reason = str(err).split(" (set JAX_PLATFORMS=")[0]  # JAX's own advice, said better below
-    unknown = [p for p in asked if p not in ("cpu", *_INSTALL)]
-    if unknown:
-        return (f"JAX_PLATFORMS={wanted}: {unknown[0]!r} is not a JAX platform; set it to cpu, cuda, rocm or tpu "
-                f"(comma-separated, first choice first), {unset}")
-    missing = next(p for p in asked if p in _INSTALL)
-    if "not in the list of known backends" in reason:
-        reason = f"this JAX install has no {missing} backend"
-    else:
-        reason = f"JAX cannot start it ({reason.split(': ', 1)[-1]})"
-    return f"JAX_PLATFORMS={wanted} asks for {missing}, but {reason}; {_INSTALL[missing]}, {unset}"
-
-
-def _raised_in_xla_bridge(err: BaseException) -> bool:
-    tb = err.__traceback__
-    while tb is not None:
-        if os.path.basename(tb.tb_frame.f_code.co_filename) == "xla_bridge.py":
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _cuda_plugin_installed() -> bool:
-    import importlib.util
-
-    return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") is not None for v in (12, 13))
 
 
 @contextlib.contextmanager

@@ -384,15 +384,10 @@ def _token_id(name: str, value, config) -> int | None:
 def _devices(devices: int | None) -> list:
     """The devices to split over (`distributed.local_devices`); a JAX_PLATFORMS that this JAX
     cannot serve is an HsdError saying how to fix it, not JAX's bare AssertionError."""
-    try:
-        return distributed.local_devices(devices)
-    except (AssertionError, RuntimeError) as err:
-        from hsd_jax.cli import backend_problem
+    from hsd_jax.platform import explained
 
-        problem = backend_problem(err)
-        if problem is None:
-            raise
-        raise HsdError(problem) from None
+    with explained():
+        return distributed.local_devices(devices)
 
 
 # Static mode compiles one decode loop per segment of the schedule, so its compile time

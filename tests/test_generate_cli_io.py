@@ -105,7 +105,8 @@ def test_ctrl_c_keeps_the_finished_batches_and_resume_decodes_the_rest(gpt2_tok,
     assert "--resume" in err and "--overwrite" in err
 
     calls.clear()
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(k["prompts"]) or real(*a, **k))
+    monkeypatch.setattr(gen, "generate", lambda lm, **k: calls.append([lm.tokenizer.decode(ids) for ids in
+                                                                       k["input_ids"]]) or real(lm, **k))
     assert run_cli([*base, "--resume"]) == 0
     assert calls == [PROMPTS[2:4], [PROMPTS[4]] * 2]  # only the rest was decoded
     assert not out.with_name("out.jsonl.partial").exists()

@@ -279,7 +279,7 @@ def test_a_batch_larger_than_the_file_decodes_only_the_file(model, prompt_file, 
 
     gen = importlib.import_module("hsd_jax.generate")
     real, sizes = gen.generate, []
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: sizes.append(len(k["prompts"])) or real(*a, **k))
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: sizes.append(len(k["input_ids"])) or real(*a, **k))
     assert run_cli(["generate", "--model", model, "--input-file", prompt_file, "--output", tmp_path / "o.jsonl",
                     "--batch-size", "50", "--max-new-tokens", "2"]) == 0
     assert sizes == [len(PROMPTS)]  # was: [50], 46 copies of the last prompt decoded for nothing

@@ -102,6 +102,31 @@ except HsdError as err:
     assert out.stdout.startswith("HsdError: JAX_PLATFORMS=cuda asks for an NVIDIA GPU"), out.stdout + out.stderr
 
 
+@pytest.mark.skipif(CUDA_PLUGIN, reason="the CUDA plugin is installed here")
+def test_loading_a_model_says_it_too(gpt2_dir):
+    """hsd_jax.load puts the weights on a device before generate does: the same line there."""
+    code = f"""
+import hsd_jax
+try:
+    hsd_jax.load({str(gpt2_dir)!r})
+except hsd_jax.HsdError as err:
+    print("HsdError:", err)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cuda"})
+    assert out.stdout.startswith("HsdError: JAX_PLATFORMS=cuda asks for an NVIDIA GPU"), out.stdout + out.stderr
+
+
+def test_importing_hsd_jax_without_torch_gives_no_transformers_advice():
+    """The light install has no torch; `import hsd_jax` made transformers say "PyTorch was
+    not found. Models won't be available" (the CLI silenced it; a script did not)."""
+    code = "import sys\nsys.modules['torch'] = None  # as on the light install\nimport hsd_jax\nimport transformers\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "PyTorch was not found" not in out.stderr
+
+
 # --- Ctrl-C inside a jit compile -----------------------------------------------------------
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

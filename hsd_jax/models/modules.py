@@ -187,7 +187,10 @@ def load(model: str | os.PathLike, *, dtype: str = "float32", tokenizer: bool = 
     >>> lm = hsd_jax.load("gpt2")                      # doctest: +SKIP
     >>> logits = lm.forward(ids, attention_mask=mask)  # doctest: +SKIP
     """
-    return CausalLM.from_pretrained(model, dtype=dtype, tokenizer=tokenizer, layout=layout)
+    from hsd_jax.platform import explained
+
+    with explained():  # the weights' first device: where a JAX_PLATFORMS JAX cannot serve fails
+        return CausalLM.from_pretrained(model, dtype=dtype, tokenizer=tokenizer, layout=layout)
 
 
 def _as_params(value):
