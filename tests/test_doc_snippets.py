@@ -89,6 +89,9 @@ NOT_RUN: dict[str, str] = {
     "python eval/score_blind.py DEV_BLIND *": "scores the blind run above",
     "python eval/compare_runs.py *": "compares evaluation folders the recipes write",
     "python eval/speculative_acceptance.py *": "decodes CommonGen dev with the reproduction's models",
+    # eval/results/demo_skip_aware_views/README.md
+    "hsd-jax train --model D/plain/model *": "fine-tunes a finished demo's plain model (D) for minutes; "
+        "tests/test_draft_training.py trains --skip-aware-view draft and both on a tiny model",
 }
 
 # Fenced blocks without a language: program output and formats, not commands. Key: the first line.

@@ -145,3 +145,36 @@ def test_draft_view_runs_from_the_cli_and_needs_joint_training(tiny, pairs_file,
         out = tmp_path / view
         assert run_cli(*base, "--skip-aware-joint", "--skip-aware-view", view, "--max-steps", 2, "--output", out) == 0
         assert json.loads((out / "run.json").read_text())["settings"]["skip_aware_view"] == view
+
+
+def test_the_views_recipe_passes_both_views_and_the_selection_half_to_every_stage(tmp_path):
+    """train/commongen_reproduce.sh --views (issue 37's candidate), checked against a stub
+    hsd-jax that records each call's arguments: no training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    # records its arguments and makes its --output folder, as a finished run would
+    (bin_dir / "hsd-jax").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$CALLS/$(date +%s%N)"\n'
+                                     'while [ $# -gt 0 ]; do [ "$1" = --output ] && mkdir -p "$2"; shift; done\n')
+    (bin_dir / "hsd-jax").chmod(0o755)
+    env = {**os.environ, "CALLS": str(calls),
+           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    done = subprocess.run([str(root / "train/commongen_reproduce.sh"), str(tmp_path / "out"), "--views"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    runs = [path.read_text().splitlines() for path in sorted(calls.iterdir())]
+    outputs = [args[args.index("--output") + 1] for args in runs]
+    assert len(runs) == 1 + 4 + 4  # plain, the four stages, the four stages with both views
+    views = [args for args, out in zip(runs, outputs) if "schedule_aware_views" in out]
+    others = [args for args, out in zip(runs, outputs) if "schedule_aware_views" not in out]
+    assert len(views) == 4 and all(out.endswith(f"stage{i}") for i, out in enumerate(outputs[-4:], 1))
+    for args in views:  # argparse keeps a flag's last value: the selection half's
+        assert args[args.index("--skip-aware-view") + 1] == "both"
+        assert args[len(args) - 1 - args[::-1].index("--eval-split") + 1] == "validation:selection"
+    assert not any("--skip-aware-view" in args for args in others)

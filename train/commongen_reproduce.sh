@@ -7,8 +7,11 @@
 #                      (train/commongen_schedule_aware_ft.sh), -> OUT/schedule_aware/stage4
 #   3. control:        with --control, the plain fine-tune with the same stages, steps, data
 #                      order, seed and rates, -> OUT/control/stage4
+#   4. views:          with --views, issue 37's candidate: the same stages trained as skip
+#                      decoding and as self-speculative drafts (--skip-aware-view both), the
+#                      validation loss on dev's selection half, -> OUT/schedule_aware_views/stage4
 #
-#   train/commongen_reproduce.sh OUT [--control]
+#   train/commongen_reproduce.sh OUT [--control] [--views]
 #
 # Time, measured (2026-12-04): on one NVIDIA H200, 5.5 minutes for both models (plain 87 s,
 # the four schedule-aware stages 239 s). On this project's 2-core CPU machine the plain
@@ -24,16 +27,19 @@
 set -euo pipefail
 export JAX_DEFAULT_MATMUL_PRECISION="${JAX_DEFAULT_MATMUL_PRECISION:-highest}"  # no TF32 on GPUs
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"  # a no-op on CPUs
-USAGE="OUT [--control]"
-OWN_FLAGS="--control"
+USAGE="OUT [--control] [--views]"
+OWN_FLAGS="--control --views"
 source "$(dirname "$0")/lib.sh"
 args 1 1 "$@"
 CONTROL=0
-if [ ${#EXTRA[@]} -gt 0 ]; then CONTROL=1; fi
+VIEWS=0
+for flag in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  case "$flag" in --control) CONTROL=1 ;; --views) VIEWS=1 ;; esac
+done
 path_arg OUT "${POS[0]}" out
 need hsd-jax
 cd "$(dirname "$0")/.."
-STAGES=$((2 + CONTROL))
+STAGES=$((2 + CONTROL + VIEWS))
 START=$SECONDS
 N=0
 # $1: stage name, $2: where its model ends; the rest: the command that builds it (run:
@@ -58,5 +64,9 @@ stage schedule_aware "$OUT/schedule_aware/stage4" \
 if [ "$CONTROL" = 1 ]; then
   stage control "$OUT/control/stage4" \
     train/commongen_schedule_aware_ft.sh "$OUT/plain" "$OUT/control" plain
+fi
+if [ "$VIEWS" = 1 ]; then
+  stage schedule_aware_views "$OUT/schedule_aware_views/stage4" \
+    train/commongen_schedule_aware_ft.sh "$OUT/plain" "$OUT/schedule_aware_views" views
 fi
 echo "all $STAGES stages done in $(( (SECONDS - START) / 60 )) min: models $OUT/plain, $OUT/schedule_aware/stage4" >&2

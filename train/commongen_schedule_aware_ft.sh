@@ -14,17 +14,23 @@
 #   train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT          # the model: OUT/stage4
 #   train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT plain    # the control: same stages,
 #                                                                 # steps, data, seed, rates
+#   train/commongen_schedule_aware_ft.sh PLAIN_MODEL OUT views    # issue 37's candidate: the
+#       same stages with the schedule's copy trained both as skip decoding and as a
+#       self-speculative draft (--skip-aware-view both, 1.5x the compute), the validation
+#       loss on dev's selection half only (docs/holdout.md)
 #
 # PLAIN_MODEL comes from train/commongen_small.sh. ~100 minutes on 2 CPU cores (the control
 # about half); running it again continues where it stopped (every stage passes --resume).
 set -euo pipefail
-USAGE="PLAIN_MODEL OUT [plain]"
+USAGE="PLAIN_MODEL OUT [plain|views]"
 source "$(dirname "$0")/lib.sh"
 args 2 3 "$@"
 KIND="${POS[2]:-joint}"
+VIEWS=()  # flags every schedule-aware stage adds for the views recipe
 case "$KIND" in
   joint|plain) ;;
-  *) usage_error "the third argument is 'plain' or nothing, not '$KIND'" ;;
+  views) KIND=joint; VIEWS=(--skip-aware-view both --eval-split validation:selection) ;;
+  *) usage_error "the third argument is 'plain', 'views' or nothing, not '$KIND'" ;;
 esac
 path_arg MODEL "${POS[0]}" in
 path_arg OUT "${POS[1]}" out
@@ -37,7 +43,7 @@ stage() {
   shift 2
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do common+=("$1"); shift; done
   [ $# -gt 0 ] && shift
-  aware=("$@")
+  aware=("$@" ${VIEWS[@]+"${VIEWS[@]}"})
   if [ "$KIND" = plain ]; then aware=(); fi
   echo "== $name (from $base)" >&2
   run train/commongen_finetune.sh "$base" "$OUT/$name" "$KIND" "${common[@]}" ${aware[@]+"${aware[@]}"}
