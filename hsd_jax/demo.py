@@ -157,6 +157,7 @@ class DemoResult:
     timings: dict[str, float]  # stage -> seconds, over every run of this demo (an interrupted one continued)
     total_seconds: float = 0.0  # every run of this demo
     runs: int = 1  # the runs of this demo so far, this one included
+    ran_on: str = ""  # versions, device and cores of this run: the figures depend on them
 
 
 def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, seed: int = 0,
@@ -201,7 +202,8 @@ def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, s
         plot_comparison(rows, out / PLOT, title=f"{family} demo: R-L against layers run, plain (dashed) and "
                         "schedule-aware")
     return DemoResult(output=out, models={PLAIN: plain, AWARE: aware}, comparison=comparison, summary=summary,
-                      seconds=clock.seconds, timings=clock.stages, total_seconds=clock.total, runs=clock.runs)
+                      seconds=clock.seconds, timings=clock.stages, total_seconds=clock.total, runs=clock.runs,
+                      ran_on=describe(clock.environment))
 
 
 class _Clock:

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     for line in result.summary:
         print(line)
     print()
+    print(f"Ran on {result.ran_on}.")
+    print()
     print(f"table:       {out / COMPARISON} (each model's own: {PLAIN}/eval/table.md, {AWARE}/eval/table.md)")
     print(f"plot:        {out / PLOT}")
     print(f"predictions: {out / PLAIN / 'eval' / 'predictions'}/, {out / AWARE / 'eval' / 'predictions'}/")
