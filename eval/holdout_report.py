@@ -13,7 +13,6 @@ is decoded; nothing is written but --output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from _cli import Parser  # noqa: E402
 
 def _predictions(run: Path, row: dict, sources: list[str]) -> list[str]:
     """The row's predictions in the order of `sources`, after checking each line's source."""
-    from hsd_jax.evaluate import _predictions_path
+    from hsd_jax.evaluate import _predictions_path, source_sha256
 
     path = _predictions_path(run, row["spec"])
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -35,7 +34,7 @@ def _predictions(run: Path, row: dict, sources: list[str]) -> list[str]:
         if "source" in line:
             same = " ".join(line["source"].split()) == " ".join(source.split())
         else:  # a blind run's line: its index and the first 16 hex digits of its source's SHA-256
-            same = line.get("index") == i and line.get("source_sha256") == hashlib.sha256(source.encode()).hexdigest()[:16]
+            same = line.get("index") == i and line.get("source_sha256") == source_sha256(source)
         if not same:
             raise SystemExit(f"holdout_report.py: line {i + 1} of {path} is not for source {i + 1} of the split")
     return [line["prediction"] for line in lines]

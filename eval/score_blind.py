@@ -12,7 +12,6 @@ checked against its source (index and the hash of its text) before anything is s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -50,7 +49,7 @@ def score(args) -> int:
     from hsd_jax.data import DATASETS, load_dataset_pairs, read_pairs
     from hsd_jax.errors import HsdError
     from hsd_jax.evaluate import (MANIFEST, PLOT, PREDICTIONS, RESULTS, TABLE, EvalResult, data_fingerprint,
-                                  group_references, markdown_table, plot_quality_vs_layers)
+                                  group_references, markdown_table, plot_quality_vs_layers, source_sha256)
     from hsd_jax.io import write_json, write_text
     from hsd_jax.metrics import BertScorer, all_metrics
 
@@ -70,7 +69,7 @@ def score(args) -> int:
     if manifest["num_sources"] != len(sources):
         raise HsdError(f"{args.blind} holds {manifest['num_sources']} predictions per row, "
                        f"{name} has {len(sources)} sources")
-    hashes = [hashlib.sha256(s.encode()).hexdigest()[:16] for s in sources]
+    hashes = [source_sha256(s) for s in sources]
     scorer = BertScorer(args.bertscore_model, args.bertscore_layers) if args.bertscore_model else None
     results = []
     for row in manifest["rows"]:

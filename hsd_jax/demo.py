@@ -195,15 +195,16 @@ def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, s
 
         rows = {label: [r.row() for r in rs] for label, rs in results.items()}
         comparison = comparison_table(rows, size.layers)
+        ran_on = describe(clock.environment)
         summary = summarise(rows, size, family)
         write_text(out / COMPARISON, f"**{family} demo: the plain and the schedule-aware model on "
                    f"{len(sources)} dev records, beam 4**\n\n{comparison}\n" + "\n".join(summary) + "\n\n"
-                   f"Ran on {describe(clock.environment)}.\n")
+                   f"Ran on {ran_on}.\n")
         plot_comparison(rows, out / PLOT, title=f"{family} demo: R-L against layers run, plain (dashed) and "
                         "schedule-aware")
     return DemoResult(output=out, models={PLAIN: plain, AWARE: aware}, comparison=comparison, summary=summary,
                       seconds=clock.seconds, timings=clock.stages, total_seconds=clock.total, runs=clock.runs,
-                      ran_on=describe(clock.environment))
+                      ran_on=ran_on)
 
 
 class _Clock:

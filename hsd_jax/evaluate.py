@@ -274,8 +274,13 @@ def prediction_rows(sources, references, predictions, *, with_data: bool = True)
         if with_data:
             yield {"source": source, "prediction": prediction, "references": list(refs)}
         else:
-            yield {"index": i, "source_sha256": hashlib.sha256(source.encode()).hexdigest()[:16],
-                   "prediction": prediction}
+            yield {"index": i, "source_sha256": source_sha256(source), "prediction": prediction}
+
+
+def source_sha256(source: str) -> str:
+    """What a blind predictions line names its source by: the first 16 hex digits of the
+    SHA-256 of its text (the scripts that score or rescore such lines check it)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def finished_rows(count: int) -> str:

@@ -178,3 +178,13 @@ def test_the_views_recipe_passes_both_views_and_the_selection_half_to_every_stag
         assert args[args.index("--skip-aware-view") + 1] == "both"
         assert args[len(args) - 1 - args[::-1].index("--eval-split") + 1] == "validation:selection"
     assert not any("--skip-aware-view" in args for args in others)
+
+
+def test_a_view_that_is_not_one_of_the_three_is_refused_from_python_too(tmp_path):
+    from hsd_jax.errors import HsdError
+    from hsd_jax.train.settings import TrainConfig, _check_config
+
+    cfg = TrainConfig(model="m", output=str(tmp_path / "o"), train_file="p", skip_aware=("x",),
+                      skip_aware_joint=True, skip_aware_view="sideways")
+    with pytest.raises(HsdError, match="--skip-aware-view must be decode, draft or both, got 'sideways'"):
+        _check_config(cfg)

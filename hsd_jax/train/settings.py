@@ -195,8 +195,11 @@ def _run_settings(cfg: TrainConfig) -> dict:
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    if cfg.mode not in ("full", "lora"):
-        raise HsdError(f"--mode must be full or lora, got {cfg.mode!r}")
+    for field in dataclasses.fields(TrainConfig):  # the flag's choices hold for a TrainConfig made in Python too
+        choices = field.metadata["choices"]
+        if choices and getattr(cfg, field.name) not in choices:
+            allowed = ", ".join(choices[:-1]) + " or " + choices[-1]
+            raise HsdError(f"--{field.name.replace('_', '-')} must be {allowed}, got {getattr(cfg, field.name)!r}")
     for name in ("epochs", "batch_size", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise HsdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -235,8 +238,6 @@ def _check_config(cfg: TrainConfig) -> None:
     if not (math.isfinite(cfg.skip_aware_distill) and 0 <= cfg.skip_aware_distill <= 1):
         raise HsdError(f"--skip-aware-distill must be from 0 to 1 (the share of the schedule's loss taken from "
                        f"the full model's predictions), got {cfg.skip_aware_distill}")
-    if cfg.skip_aware_view not in ("decode", "draft", "both"):
-        raise HsdError(f"--skip-aware-view must be decode, draft or both, got {cfg.skip_aware_view!r}")
     if cfg.skip_aware_view != "decode" and not cfg.skip_aware_joint:
         raise HsdError(f"--skip-aware-view {cfg.skip_aware_view} needs --skip-aware-joint: the draft attends to "
                        "the K/V of the batch's full-model copy")
