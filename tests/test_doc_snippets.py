@@ -89,6 +89,9 @@ NOT_RUN: dict[str, str] = {
     "python eval/score_blind.py DEV_BLIND *": "scores the blind run above",
     "python eval/compare_runs.py *": "compares evaluation folders the recipes write",
     "python eval/speculative_acceptance.py *": "decodes CommonGen dev with the reproduction's models",
+    # docs/holdout.md: issue 37's candidate, step by step
+    "hsd-jax eval --model runs/cg/plain *": "decodes CommonGen dev's selection half with the rebuilt plain model",
+    "python eval/holdout_report.py runs/cg/*": "rescoring the runs of the steps above",
     # eval/results/demo_skip_aware_views/README.md
     "hsd-jax train --model D/plain/model *": "fine-tunes a finished demo's plain model (D) for minutes; "
         "tests/test_draft_training.py trains --skip-aware-view draft and both on a tiny model",

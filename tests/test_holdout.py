@@ -107,12 +107,62 @@ def test_holdout_report_scores_each_half_against_its_own_vanilla(tmp_path, monke
     table = (tmp_path / "out.md").read_text()
     same = next(line for line in table.splitlines() if line.startswith("| Same"))
     wrong = next(line for line in table.splitlines() if line.startswith("| Report wrong"))
-    assert same.count("(100.0%)") == 4  # both halves and both sizes
+    assert same.count("(100.0%)") == 6  # both halves, both sizes, each half's long sources
     cells = [c.strip() for c in wrong.split("|")[3:5]]
     assert cells[0] == "100.00 (100.0%)" and cells[1] == "0.00 (0.0%)"
+    # the choosing lines: one per half, the best row at <= 40% of 12 layers is none of these
+    summary = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith(f"| {run} |")}
+    assert set(summary) == {"selection", "report"}
+    assert "| - / - |" in summary["report"]
     # a prediction file for other sources is refused, not scored
     write(rows[1]["spec"], good)
     lines = _predictions_path(run, rows[1]["spec"]).read_text().splitlines()
     _predictions_path(run, rows[1]["spec"]).write_text("\n".join(reversed(lines)) + "\n")
     with pytest.raises(SystemExit, match="not for source"):
         module.main([str(run)])
+
+
+def test_holdout_report_reads_a_run_on_one_half(tmp_path, monkeypatch):
+    """A candidate decoded on the selection half only (`--split validation:selection`): its
+    split comes from the run's settings, and its choosing line gives the paper's HSD rows."""
+    import importlib.util
+    from pathlib import Path
+
+    from hsd_jax.evaluate import _predictions_path
+    from hsd_jax.schedules import paper_specs
+
+    root = tmp_path / "data"
+    (root / "commongen").mkdir(parents=True)
+    sets = [f"c{i} d{i} e{i}" + (" f g" if i % 2 else "") for i in range(60)]
+    (root / "commongen" / "commongen.dev.src_alpha.txt").write_text("\n".join(sets) + "\n")
+    (root / "commongen" / "commongen.dev.tgt.txt").write_text("\n".join(f"the c{i} and d{i} e{i}" for i in range(60)) + "\n")
+    monkeypatch.setenv("HSD_DATA_DIR", str(root))
+    half = [s for s in sets if data.holdout_half(s) == "selection"]
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    hsd = [spec for spec in paper_specs("paper", 12) if spec.startswith("hsd")]
+    rows = [{"method": "Vanilla", "spec": "vanilla", "avg_layers": 12.0},
+            {"method": "Deep", "spec": hsd[5], "avg_layers": 6.0},  # 50%: a paper row at <= 60%
+            {"method": "Shallow", "spec": hsd[0], "avg_layers": 9.0}]
+    settings = {"dataset": "common_gen/validation:selection"}
+    (run / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}))
+    good = {s: f"the {s.split()[0]} and {s.split()[1]} {s.split()[2]}" for s in half}
+    predictions = {"vanilla": good,
+                   hsd[5]: {s: g if len(s.split()) < 4 else "the" for s, g in good.items()},  # fails long sets
+                   hsd[0]: good}
+    for spec, by_source in predictions.items():
+        lines = [json.dumps({"source": s, "prediction": by_source[s], "references": []}) for s in half]
+        _predictions_path(run, spec).write_text("\n".join(lines) + "\n")
+    spec = importlib.util.spec_from_file_location("holdout_report", Path(__file__).parents[1] / "eval" / "holdout_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(run), "--output", str(tmp_path / "out.md")]) == 0
+    table = (tmp_path / "out.md").read_text()
+    assert f"| selection ({len(half)}) |" in table and "report (" not in table
+    line, = [line for line in table.splitlines() if line.startswith(f"| {run} | selection |")]
+    cells = [c.strip() for c in line.split("|")[3:7]]
+    assert cells[0] == "100.00"
+    # "the" against a 5-word reference: R-L F1 2 x 1 x 0.2 / 1.2 = 1/3 of vanilla's 1 on long sets
+    assert cells[1].endswith(" / 33.3% (Deep)") and cells[1].split("%")[0] != "100.0"
+    assert cells[2] == cells[1]  # Deep is the one paper row at <= 60% of the layers
+    assert cells[3] == "- / -"
