@@ -5,7 +5,7 @@ as a share of each model's own vanilla), and one plot with every run's curves.
 
 Each RESULTS is a folder written by `hsd-jax eval` (its results.json). Rows are matched
 by spec; a row that a run lacks gets a dash there. The plot draws each run in its own
-colour (the first dashed), each method family with its own marker.
+colour (the first dashed), each series with its own marker (`hsd_jax.plots`).
 """
 
 from __future__ import annotations
@@ -46,37 +46,6 @@ def comparison_table(runs: list[dict], labels: list[str], num_layers: int, metri
     return "\n".join(lines) + "\n"
 
 
-MARKERS = {"Vanilla": "*", "SkipDecode": "s", "HSD": "o", "CALM": "^"}
-
-
-def plot(runs: list[dict], labels: list[str], path: Path, metric: str = "R-L") -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from hsd_jax.evaluate import family
-    from hsd_jax.io import atomic_path
-
-    fig = Figure(figsize=(7.5, 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for i, (rows, label) in enumerate(zip(runs, labels)):
-        color = f"C{i}"
-        families: dict[str, list[dict]] = {}
-        for r in rows.values():
-            families.setdefault(family(r["method"]), []).append(r)
-        for name, group in families.items():
-            group = sorted(group, key=lambda r: r["avg_layers"])
-            ax.plot([r["avg_layers"] for r in group], [r[metric] for r in group], "--" if i == 0 else "-",
-                    marker=MARKERS.get(name, "o"), color=color, label=f"{name} ({label})", alpha=0.85)
-    ax.set_xlabel("Avg. Layer (layers run per generated token)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against layers run: " + ", ".join(labels) + f" ({labels[0]} dashed)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
 def main(argv=None) -> int:
     parser = Parser(__file__, description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+", help="hsd-jax eval output folders")
@@ -89,11 +58,14 @@ def main(argv=None) -> int:
         parser.error(f"--labels names {len(labels)} runs but {len(args.results)} folders were given")
     runs = [_rows(folder) for folder in args.results]
     from hsd_jax.io import write_text
+    from hsd_jax.plots import plot_quality_vs_layers
 
     args.output.mkdir(parents=True, exist_ok=True)
     write_text(args.output / "comparison.md", comparison_table(runs, labels, args.layers))
     name = "_vs_".join(labels).replace("-", "_").replace(" ", "_")
-    plot(runs, labels, args.output / f"{name}.png")
+    plot_quality_vs_layers(dict(zip(labels, (list(rows.values()) for rows in runs))), args.output / f"{name}.png",
+                           title="R-L against layers run: " + ", ".join(labels)
+                           + (f" ({labels[0]} dashed)" if len(labels) > 1 else ""))
     print(f"wrote {args.output / 'comparison.md'} and the plot")
     return 0
 

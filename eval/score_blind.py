@@ -49,8 +49,9 @@ def score(args) -> int:
     from hsd_jax.data import DATASETS, load_dataset_pairs, read_pairs
     from hsd_jax.errors import HsdError
     from hsd_jax.evaluate import (MANIFEST, PLOT, PREDICTIONS, RESULTS, TABLE, EvalResult, data_fingerprint,
-                                  group_references, markdown_table, plot_quality_vs_layers, source_sha256)
+                                  group_references, markdown_table, source_sha256)
     from hsd_jax.io import write_json, write_text
+    from hsd_jax.plots import plot_quality_vs_layers
     from hsd_jax.metrics import BertScorer, all_metrics
 
     spec = DATASETS.get(args.dataset)
@@ -95,7 +96,7 @@ def score(args) -> int:
                                "num_sources": len(sources), "blind": False, "scored_from": MANIFEST,
                                "complete": manifest["complete"], "rows": [r.row() for r in results]})
     write_text(out / TABLE, markdown_table(results, title))
-    plot_quality_vs_layers(results, out / PLOT, title=title)
+    plot_quality_vs_layers({"": [r.row() for r in results]}, out / PLOT, title=title)
     print(markdown_table(results, title))
     return 0
 

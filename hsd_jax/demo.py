@@ -42,6 +42,7 @@ from pathlib import Path
 from hsd_jax import demo_data
 from hsd_jax.errors import HsdError
 from hsd_jax.io import check_output_dir, write_json, write_text
+from hsd_jax.plots import plot_quality_vs_layers
 
 FAMILIES = ("gpt2", "phi")
 MARKER = "demo.json"  # what the demo writes first: a rerun compares it, --overwrite may replace its folder
@@ -200,8 +201,8 @@ def run_demo(output: str | Path, *, family: str = "gpt2", smoke: bool = False, s
         write_text(out / COMPARISON, f"**{family} demo: the plain and the schedule-aware model on "
                    f"{len(sources)} dev records, beam 4**\n\n{comparison}\n" + "\n".join(summary) + "\n\n"
                    f"Ran on {ran_on}.\n")
-        plot_comparison(rows, out / PLOT, title=f"{family} demo: R-L against layers run, plain (dashed) and "
-                        "schedule-aware")
+        plot_quality_vs_layers({shown(label): model_rows for label, model_rows in rows.items()}, out / PLOT,
+                               title=f"{family} demo: R-L against layers run, plain (dashed) and schedule-aware")
     return DemoResult(output=out, models={PLAIN: plain, AWARE: aware}, comparison=comparison, summary=summary,
                       seconds=clock.seconds, timings=clock.stages, total_seconds=clock.total, runs=clock.runs,
                       ran_on=ran_on)
@@ -432,81 +433,3 @@ def summarise(rows: dict[str, list[dict]], size: DemoSize, family: str, metric: 
         f"{thresholds.min():.3f}), which these models' lower layers already give; with settings found for them "
         f"({' and '.join(map(shown, labels))}), {chosen}.")
     return lines
-
-
-CALM = "CALM"
-# One marker per series, none alike: each HSD stride and warm-up is its own budget sweep.
-MARKERS = {"Vanilla": "*", "SkipDecode": "s", "HSD, s=1": "o", "HSD, s=2": "v", "HSD w=1, s=1": "P",
-           "HSD w=1, s=2": "X", CALM: "^"}
-
-
-def plot_series(method: str) -> str:
-    """The series of a row: its method, HSD also by stride and warm-up (its rows sweep the budget)."""
-    import re
-
-    from hsd_jax.evaluate import family
-
-    stride = re.search(r"HSD\(s=(\d+)", method)
-    name = family(method)
-    return f"{name}, s={stride.group(1)}".replace("HSD, w=1, s=", "HSD w=1, s=") if stride else name
-
-
-def calm_label(spec: str) -> str:
-    """A CALM point's label: the settings of its spec that are not CALM's defaults."""
-    from hsd_jax.schedules import _KEYS
-
-    def default(part: str) -> bool:
-        key, _, value = part.partition("=")
-        kind, fallback = _KEYS["calm"].get(key, (str, None))
-        return kind(value) == fallback
-
-    return ", ".join(p for p in spec.removeprefix("calm:").split(",") if not default(p)).replace("lambda=", "λ=")
-
-
-def plot_comparison(rows: dict[str, list[dict]], path: str | Path, metric: str = "R-L", title: str = "") -> Path:
-    """Quality against Avg. Layer for both models in one plot: a colour per model (the first
-    dashed, each model's vanilla as a dotted line across), a marker per series. A series is
-    a budget sweep of one method and is joined; CALM's rows are different settings (lambda,
-    measure, first exit), so they are points, each labelled."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    from hsd_jax.io import atomic_path
-
-    fig = Figure(figsize=(7.5, 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    seen: dict[str, None] = {}
-    for i, (label, model_rows) in enumerate(rows.items()):
-        color, style = f"C{i}", "--" if i == 0 else "-"
-        groups: dict[str, list[dict]] = {}
-        for r in model_rows:
-            groups.setdefault(plot_series(r["method"]), []).append(r)
-        for name, group in groups.items():
-            seen[name] = None
-            group = sorted(group, key=lambda r: r["avg_layers"])
-            ax.plot([r["avg_layers"] for r in group], [r[metric] for r in group],
-                    linestyle="none" if name == CALM else style, color=color, marker=MARKERS.get(name, "o"),
-                    markersize=7, alpha=0.85)
-            if name == CALM:
-                for r in group:
-                    ax.annotate(calm_label(r["spec"]), (r["avg_layers"], r[metric]), textcoords="offset points",
-                                xytext=(5, 4), fontsize=6, color=color)
-            if name == "Vanilla":  # the quality every other row of this model is measured against
-                ax.axhline(group[0][metric], color=color, linestyle=":", linewidth=1, alpha=0.7)
-    models = [Line2D([], [], color=f"C{i}", linestyle="--" if i == 0 else "-", label=shown(label))
-              for i, label in enumerate(rows)]
-    kinds = [Line2D([], [], color="0.4", linestyle="", marker=MARKERS.get(name, "o"),
-                    label=f"{name} (points)" if name == CALM else name) for name in seen]
-    ax.set_xlabel("Avg. Layer (layers run per generated token)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} against layers run", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.add_artist(ax.legend(handles=models, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
-                            title="model", title_fontsize=8))
-    ax.legend(handles=kinds, loc="upper left", bbox_to_anchor=(1.02, 0.72), fontsize=8, title="rows",
-              title_fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return Path(path)

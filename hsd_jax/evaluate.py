@@ -2,7 +2,7 @@
 
 `evaluate` returns one row per schedule with Avg. Layer, R-1, R-2, R-L, BLEU-1,
 BERTScore and speed; `markdown_table` prints them like the paper's tables and
-`plot_quality_vs_layers` draws quality against layers run, one series per method.
+`hsd_jax.plots.plot_quality_vs_layers` draws quality against layers run.
 
 `evaluate_to_folder` is what `hsd-jax eval` and `hsd-jax demo` run: it checks every
 schedule and the BERTScore backbone before decoding anything, then writes each row's
@@ -26,8 +26,9 @@ from hsd_jax import distributed
 from hsd_jax.data import encode_source
 from hsd_jax.errors import HsdError
 from hsd_jax.generate import generate_batched
-from hsd_jax.io import atomic_path, write_json, write_jsonl, write_text
+from hsd_jax.io import write_json, write_jsonl, write_text
 from hsd_jax.metrics import BertScorer, all_metrics
+from hsd_jax.plots import plot_quality_vs_layers
 from hsd_jax.models.modules import LanguageModel
 from hsd_jax.schedules import expand_groups, resolve
 
@@ -242,7 +243,7 @@ def evaluate_to_folder(
                                         "complete": complete, "rows": rows})
         else:
             write_json(out / RESULTS, {**record, "complete": complete, "rows": [r.row() for r in ordered]})
-            plot_quality_vs_layers(ordered, out / PLOT, metric=metric, title=title)
+            plot_quality_vs_layers({"": [r.row() for r in ordered]}, out / PLOT, metric=metric, title=title)
         write_text(out / TABLE, markdown_table(ordered, title))
 
     for sched in resolved:
@@ -365,38 +366,3 @@ def markdown_table(results: Sequence[EvalResult], title: str = "") -> str:
                  f"{r.tokens_per_second:.1f}", f"`{r.spec}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def family(method: str) -> str:
-    """The plot series of a row: the method's name, with its warm-up when it is not the default."""
-    name = method.split("(")[0].strip() or method
-    warmup = re.search(r"w=(\d+)", method)
-    return f"{name}, w={warmup.group(1)}" if warmup else name
-
-
-def plot_quality_vs_layers(results: Sequence[EvalResult], path: str | Path, metric: str = "R-L",
-                           title: str = "") -> Path:
-    """Quality (`metric`) against Avg. Layer: one series per method family; atomic PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    families: dict[str, list[EvalResult]] = {}
-    for r in results:
-        families.setdefault(family(r.method), []).append(r)
-    for name, rows in families.items():
-        rows = sorted(rows, key=lambda r: r.avg_layers)
-        line, = ax.plot([r.avg_layers for r in rows], [r.scores[metric] for r in rows], marker="o", label=name)
-        if name == "Vanilla":  # the quality every other row is measured against
-            ax.axhline(rows[0].scores[metric], color=line.get_color(), linestyle="--", linewidth=1, alpha=0.7)
-    ax.set_xlabel("Avg. Layer (layers run per generated token)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} against layers run", fontsize=10)
-    ax.grid(alpha=0.3)
-    if families:  # beside the axes, so it never hides a point or a label
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return Path(path)

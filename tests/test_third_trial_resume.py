@@ -217,31 +217,59 @@ def _interrupted():
     raise KeyboardInterrupt
 
 
-def test_the_demo_plot_joins_each_sweep_and_leaves_calm_s_settings_as_labelled_points(tmp_path, monkeypatch):
+def _drawn(monkeypatch, models, tmp_path):
+    """The axes `plots.plot_quality_vs_layers` drew, and its marked lines by marker."""
     from matplotlib.figure import Figure
 
+    from hsd_jax import plots
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    plots.plot_quality_vs_layers(models, tmp_path / "plot.png")
+    ax = saved[0].axes[0]
+    by_marker = {}
+    for line in ax.lines:
+        if len(line.get_xdata()) and line.get_marker() not in (None, "None", ""):
+            by_marker.setdefault(line.get_marker(), []).append(line)
+    return ax, by_marker
+
+
+def _demo_rows(labels):
     from hsd_jax import demo
     from hsd_jax.schedules import resolve
 
-    rows = {}
-    for i, label in enumerate((demo.PLAIN, demo.AWARE)):
-        specs = [resolve(s, num_layers=12, max_new_tokens=24) for s in demo.schedules(demo.SMOKE, "gpt2")]
-        rows[label] = [{"method": r.name, "spec": r.spec, "avg_layers": 12.0 - j * 0.5, "R-L": 80.0 - j - i}
-                       for j, r in enumerate(specs)]
-    saved = []
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
-    demo.plot_comparison(rows, tmp_path / "plot.png")
-    ax = saved[0].axes[0]
-    drawn = [line for line in ax.lines if len(line.get_xdata()) and line.get_marker() not in (None, "None", "")]
-    by_marker = {}
-    for line in drawn:
-        by_marker.setdefault(line.get_marker(), []).append(line)
-    calm = by_marker[demo.MARKERS[demo.CALM]]
+    specs = [resolve(s, num_layers=12, max_new_tokens=24) for s in demo.schedules(demo.SMOKE, "gpt2")]
+    return {label: [{"method": r.name, "spec": r.spec, "avg_layers": 12.0 - j * 0.5, "R-L": 80.0 - j - i}
+                     for j, r in enumerate(specs)] for i, label in enumerate(labels)}
+
+
+def test_the_plot_joins_each_sweep_and_leaves_calm_s_settings_as_labelled_points(tmp_path, monkeypatch):
+    from hsd_jax import demo, plots
+
+    ax, by_marker = _drawn(monkeypatch, _demo_rows((demo.PLAIN, demo.AWARE)), tmp_path)
+    calm = by_marker[plots.MARKERS[plots.CALM]]
     assert [len(line.get_xdata()) for line in calm] == [3, 3]  # both models' three CALM rows
     assert all(line.get_linestyle() == "None" for line in calm)  # points, not a curve
     assert all(line.get_linestyle() != "None" for m, lines in by_marker.items() if m != "^" for line in lines)
-    assert len(set(demo.MARKERS.values())) == len(demo.MARKERS)
+    assert len(set(plots.MARKERS.values())) == len(plots.MARKERS)
     assert {t.get_text() for t in ax.texts} == {"λ=0.02", "λ=0.995, measure=state", "λ=0.9, min_exit=6"}
+    assert len(ax.get_legend().get_texts()) == len(by_marker)  # a legend of the rows (and one of the models)
+
+
+def test_an_evaluation_s_plot_is_the_same_plot_for_one_model(tmp_path, monkeypatch):
+    """hsd-jax eval's and score_blind.py's plot: the HSD strides are separate sweeps, CALM's
+    rows points, a colour a series (it joined CALM's rows and both strides into one line)."""
+    from hsd_jax import plots
+
+    (rows,) = _demo_rows(("model",)).values()
+    ax, by_marker = _drawn(monkeypatch, {"": rows}, tmp_path)
+    calm, = by_marker[plots.MARKERS[plots.CALM]]
+    assert len(calm.get_xdata()) == 3 and calm.get_linestyle() == "None"
+    hsd = by_marker[plots.MARKERS["HSD, s=1"]] + by_marker[plots.MARKERS["HSD, s=2"]]
+    assert len(hsd) == 2 and all(line.get_linestyle() == "-" for line in hsd)
+    lines = [line for lines in by_marker.values() for line in lines]
+    assert len({line.get_color() for line in lines}) == len(lines)
+    assert plots.series("HSD(s=2, 0-4, w=1)") == "HSD w=1, s=2" and plots.series("SkipDecode(4-8)") == "SkipDecode"
 
 
 def test_saved_rows_are_counted_in_words_that_agree():
