@@ -26,7 +26,7 @@ import sys
 import zlib
 from typing import Any, Callable, Iterator
 
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, positive_int
 
 # Keys of one launch are numbered in the order the processes reach them: every process
 # runs the same command over the same input, so they reach the same keys in the same order.
@@ -84,8 +84,7 @@ def local_devices(devices: int | None = None) -> list:
     available = jax.local_devices()
     if devices is None:
         return available
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise HsdError(f"devices must be a positive integer (or None for all local devices), got {devices!r}")
+    devices = positive_int("devices", devices, "or None for all local devices")
     if devices > len(available):
         kind = available[0].platform.upper()
         raise HsdError(f"devices={devices}, but this process has {len(available)} {kind} device"

@@ -1,6 +1,7 @@
 """The one exception type for bad user input, and how a system error reads as one line."""
 
 import errno
+import numbers
 
 
 class HsdError(ValueError):
@@ -24,3 +25,12 @@ def os_error_text(err: OSError) -> str:
     if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         text += "; free some space and run the command again"
     return text
+
+
+def positive_int(name: str, value, also: str = "") -> int:
+    """`value` as an int, when it is a whole number of at least 1: a Python or NumPy integer
+    (np.int64 from an array is as good as 8), not a bool, a float or a string. `also` names
+    another accepted value in the error ("or None for ...")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise HsdError(f"{name} must be a positive integer{f' ({also})' if also else ''}, got {value!r}")
+    return int(value)

@@ -43,7 +43,7 @@ from hsd_jax import distributed
 from hsd_jax.calm import CalmSteps
 from hsd_jax.data import require_utf8
 from hsd_jax.engine import MODES, ScheduleSteps
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, positive_int
 from hsd_jax.models import family
 from hsd_jax.models.modules import CausalLM as LanguageModel
 from hsd_jax.schedules import CalmConfig, Schedule, resolve
@@ -358,15 +358,6 @@ def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequen
         else {key: sum(out.draft_stats[key] for out in parts) for key in first.draft_stats},
         devices=max(out.devices for out in parts),
     )
-
-
-def positive_int(name: str, value, also: str = "") -> int:
-    """`value` as an int, when it is a whole number of at least 1: a Python or NumPy integer
-    (np.int64 from an array is as good as 8), not a bool, a float or a string. `also` names
-    another accepted value in the error ("or None for ...")."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise HsdError(f"{name} must be a positive integer{f' ({also})' if also else ''}, got {value!r}")
-    return int(value)
 
 
 def _token_id(name: str, value, config) -> int | None:

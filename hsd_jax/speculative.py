@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsd_jax.engine import schedule_step
-from hsd_jax.errors import HsdError
+from hsd_jax.errors import HsdError, positive_int
 from hsd_jax.models import RUN, KVCache, ModelConfig, context, decode_step, family, run_layers
 from hsd_jax.models.common import Context
 from hsd_jax.schedules import Schedule
@@ -235,9 +235,7 @@ class SpeculativeSteps:
     verify_form: str | None = None  # `verify`'s form; None: `default_verify_form(rows)`
 
     def __post_init__(self):
-        if isinstance(self.num_draft_tokens, bool) or not isinstance(self.num_draft_tokens, int) \
-                or self.num_draft_tokens < 1:
-            raise HsdError(f"num_draft_tokens must be a positive integer, got {self.num_draft_tokens!r}")
+        object.__setattr__(self, "num_draft_tokens", positive_int("num_draft_tokens", self.num_draft_tokens))
         if self.verify_form not in (None, *VERIFY_FORMS):
             raise HsdError(f"verify form {self.verify_form!r} is unknown; use one of {', '.join(VERIFY_FORMS)}")
 
