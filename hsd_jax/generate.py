@@ -170,14 +170,15 @@ def generate(
     eos = config.eos_token_id if eos_token_id is _DEFAULT else _token_id("eos_token_id", eos_token_id, config)
     pad = _token_id("pad_token_id", pad_token_id, config) if pad_token_id is not None else (
         config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0))
-    sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
-    speculative = _draft(draft, num_draft_tokens, sched, num_beams, config.num_layers, max_new_tokens)
-    mode = _static_or_compiled(sched, mode)
     ids, mask = _left_pad(rows, pad, pad_to_multiple_of, limit=config.max_position - max_new_tokens)
     cache_len = ids.shape[1] + max_new_tokens
     if family(config).learned_positions and cache_len > config.max_position:
         raise HsdError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
                        f"the model's {config.max_position} positions; shorten the prompt or max_new_tokens")
+    _check_memory(lm, ids.shape[0] * num_beams, ids.shape[1], max_new_tokens, placed)  # before a schedule's table
+    sched = resolve(schedule, num_layers=config.num_layers, max_new_tokens=max_new_tokens)
+    speculative = _draft(draft, num_draft_tokens, sched, num_beams, config.num_layers, max_new_tokens)
+    mode = _static_or_compiled(sched, mode)
     search = make_search(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, length_penalty=length_penalty, early_stopping=early_stopping)
 
@@ -358,6 +359,35 @@ def generate_batched(lm: LanguageModel, prompts: Sequence[str] | Sequence[Sequen
         else {key: sum(out.draft_stats[key] for out in parts) for key in first.draft_stats},
         devices=max(out.devices for out in parts),
     )
+
+
+def _check_memory(lm: LanguageModel, rows: int, prompt_len: int, max_new_tokens: int, devices: list) -> None:
+    """Refuses a batch whose weights and KV cache cannot fit one device, before anything is
+    allocated: a model without a position limit (Phi's rotary positions) takes any
+    max_new_tokens, and a cache past the memory ends in the system's out-of-memory kill,
+    without a word. Each device holds the weights and its share of the rows."""
+    from hsd_jax.platform import device_memory
+
+    limit = device_memory(devices[0])
+    if limit is None:
+        return
+    config, leaves = lm.config, jax.tree.leaves(lm.params)
+    weights = sum(x.size * x.dtype.itemsize for x in leaves)
+    per_position = 2 * config.num_layers * config.num_heads * config.head_dim * leaves[0].dtype.itemsize
+    device_rows = -(-rows // len(devices))
+    needed = weights + device_rows * per_position * (prompt_len + max_new_tokens)
+    if needed <= limit:
+        return
+    fit = (limit - weights) // (device_rows * per_position) - prompt_len
+    advice = f"at most about {fit} new tokens fit this batch" if fit >= 1 else "even one new token does not fit"
+    kind = devices[0].platform.upper()
+    raise HsdError(f"max_new_tokens={max_new_tokens} with {rows} row{'s' if rows > 1 else ''} of {prompt_len} prompt "
+                   f"tokens needs {_gib(needed)} on a {kind} device (the weights and the KV cache), more than its "
+                   f"{_gib(limit)}; {advice}: lower max_new_tokens, the batch size or the beams")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def _token_id(name: str, value, config) -> int | None:

@@ -77,3 +77,18 @@ def explained():
         if problem is None:
             raise
         raise HsdError(problem) from None
+
+
+def device_memory(device) -> int | None:
+    """The bytes one device can hold: an accelerator's allocator limit, the machine's physical
+    memory for a CPU device; None where it is not known."""
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # a backend without memory statistics
+        return None
+    return stats.get("bytes_limit")

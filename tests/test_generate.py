@@ -248,3 +248,32 @@ def test_padded_array_with_attention_mask_equals_ragged_lists(gpt2_dir):
     a = generate(lm, input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
     b = generate(lm, input_ids=PROMPTS, max_new_tokens=6, eos_token_id=None)
     assert a.sequences == b.sequences
+
+
+def test_a_batch_past_the_device_memory_is_refused_before_anything_is_allocated(phi_dir, monkeypatch):
+    """Phi's rotary positions take any max_new_tokens: 10**9 was an out-of-memory kill without
+    a word (after a 5 GB schedule table). It is now refused at once, naming what fits; and
+    what it names does fit (the device's memory set to just that)."""
+    import time
+
+    import jax
+
+    import hsd_jax
+    from hsd_jax import platform
+    from hsd_jax.errors import HsdError
+
+    lm = hsd_jax.load(phi_dir)
+    start = time.perf_counter()
+    with pytest.raises(HsdError, match=r"max_new_tokens=1000000000 with 1 row of 3 prompt tokens needs [\d,.]+ GiB "
+                                       r"on a CPU device .* at most about \d+ new tokens fit this batch"):
+        hsd_jax.generate(lm, input_ids=[[1, 2, 3]], max_new_tokens=10**9)
+    assert time.perf_counter() - start < 5
+
+    c = lm.config
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
+    per_position = 2 * c.num_layers * c.num_heads * c.head_dim * 4  # K and V, float32, a row
+    monkeypatch.setattr(platform, "device_memory", lambda device: weights + 2 * 2 * per_position * (3 + 8))
+    out = hsd_jax.generate(lm, input_ids=[[1, 2, 3], [4, 5, 6]], num_beams=2, max_new_tokens=8)
+    assert len(out.sequences) == 2
+    with pytest.raises(HsdError, match="with 4 rows of 3 prompt tokens .* at most about 8 new tokens fit"):
+        hsd_jax.generate(lm, input_ids=[[1, 2, 3], [4, 5, 6]], num_beams=2, max_new_tokens=9)
