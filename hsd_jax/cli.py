@@ -44,8 +44,16 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line, like every other error of hsd-jax and its scripts,
+    instead of argparse's usage block (a dozen lines for generate) above the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; {self.prog} --help lists the options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hsd-jax",
         description="Layer-skipping text generation (HSD, SkipDecode, CALM) for GPT-2 and Phi-2 in JAX.",
         epilog="Exit status: 0 done; 2 bad input or a system error (one line on stderr); 130 Ctrl-C and "

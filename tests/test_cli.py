@@ -55,6 +55,20 @@ def test_generate_file_in_batches(gpt2_tok, tmp_path, capsys, suffix):
         assert json.loads(capsys.readouterr().out.splitlines()[0])["tokens"] == r["tokens"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "m", "--prompt", "x", "--num-beams", "zero"],
+     "hsd-jax generate: error: argument --num-beams: invalid int value: 'zero'"),
+    (["generate", "--model", "m"], "hsd-jax generate: error: one of the arguments --prompt --input-file is required"),
+    (["nosuch"], "hsd-jax: error: argument COMMAND: invalid choice: 'nosuch'"),
+])
+def test_a_bad_command_line_is_one_line_naming_the_help(argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(message) and err.rstrip().endswith("--help lists the options")
+
+
 def test_bad_input_is_one_line(gpt2_tok, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": "hi"}) + "\n")
