@@ -8,10 +8,11 @@ fixes that for every request of that client, which transformers and datasets use
 - each wait left without a limit (connecting, waiting for an answer) gets one:
   $HF_HUB_DOWNLOAD_TIMEOUT seconds (huggingface_hub's own setting, 10 by default),
   per wait, not per download, so a large file still downloads at any steady speed;
-- once the hub has not answered in time, every later request of the process fails at
-  once as if HF_HUB_OFFLINE=1 were set (`HubTimeout`, an `OfflineModeIsEnabled`), so
-  the libraries fall back on their caches, or fail, without retrying: their retries
-  (six more waits, with pauses) would otherwise keep a command waiting for minutes.
+- once the hub has not answered in time, or its name did not resolve (no network, no
+  DNS), every later request of the process fails at once as if HF_HUB_OFFLINE=1 were set
+  (`HubTimeout`, an `OfflineModeIsEnabled`), so the libraries fall back on their caches,
+  or fail, without retrying: their retries (six more waits, with pauses) would otherwise
+  keep a command waiting for minutes, or 25 s on a machine without a network.
 
 `explain(err, what, fix)` turns a hub failure into one `HsdError` line; when the hub
 did not answer in time (or could not be reached) the line names the two ways to go on
@@ -100,7 +101,11 @@ def _limit_waits(request) -> None:
     request.extensions["timeout"] = waits
 
 
-_silent: list[str] = []  # the hub address that did not answer in time, once one has not
+# Once the hub has failed so: [(its address, what happened)], which stops every later request.
+_silent: list[tuple[str, str]] = []
+# getaddrinfo's words for a name that does not resolve (glibc, musl, macOS, Windows).
+_UNRESOLVED = ("name or service not known", "temporary failure in name resolution", "nodename nor servname",
+               "no address associated with hostname", "getaddrinfo failed", "name does not resolve")
 
 
 @functools.cache
@@ -118,8 +123,9 @@ def _stop_after_silence(send):
     """`Client.send` that, once a request has timed out, fails every later one at once."""
     def send_or_stop(request, *args, **kwargs):
         if _silent:
-            raise _hub_timeout_class()(f"not sent: {_silent[0]} did not answer within {wait_limit():g} s earlier "
-                                       "in this run, so it is treated as offline (HF_HUB_OFFLINE=1)")
+            address, what = _silent[0]
+            raise _hub_timeout_class()(f"not sent: {address} {what} earlier in this run, so it is treated as "
+                                       "offline (HF_HUB_OFFLINE=1)")
         try:
             return send(request, *args, **kwargs)
         except Exception as err:
@@ -127,8 +133,11 @@ def _stop_after_silence(send):
             # /api/agent-harnesses with 3 s) may time out where the real requests would not.
             waits = request.extensions.get("timeout") or {}
             waited = max((w for w in waits.values() if w is not None), default=0)
+            address = f"{request.url.scheme}://{request.url.netloc.decode()}"
             if "Timeout" in type(err).__name__ and waited >= wait_limit():
-                _silent.append(f"{request.url.scheme}://{request.url.netloc.decode()}")
+                _silent.append((address, f"did not answer within {wait_limit():g} s"))
+            elif unresolved(err):
+                _silent.append((address, "could not be found (its name did not resolve: no network or DNS)"))
             raise
 
     return send_or_stop
@@ -154,6 +163,11 @@ def unreachable(err: BaseException) -> bool:
     return False
 
 
+def unresolved(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is a host name that did not resolve."""
+    return any(word in str(e).lower() for e in _chain(err) for word in _UNRESOLVED)
+
+
 def timed_out(err: BaseException) -> bool:
     return any("Timeout" in type(e).__name__ or isinstance(e, TimeoutError) for e in _chain(err))
 
@@ -169,7 +183,8 @@ def explain(err: BaseException, what: str, fix: str) -> HsdError:
         return HsdError(f"HF_HUB_OFFLINE is set and {what} is not in the hub cache ({type(err).__name__}: "
                         f"{first_line}); {fix}, or unset HF_HUB_OFFLINE to fetch it")
     if _silent or unreachable(err):
-        failed = f"did not answer within {wait_limit():g} s" if _silent or timed_out(err) else "could not be reached"
+        failed = _silent[0][1] if _silent else f"did not answer within {wait_limit():g} s" if timed_out(err) \
+            else "could not be reached"
         return HsdError(f"the Hugging Face hub ({endpoint()}) {failed} while fetching {what} ({type(err).__name__}: "
                         f"{first_line}); to work without it, set HF_HUB_OFFLINE=1 if the files are in the hub "
                         f"cache already, or {fix}")

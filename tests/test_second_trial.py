@@ -265,6 +265,24 @@ def test_a_dataset_from_a_hub_that_never_answers_is_one_line(silent_hub, tmp_pat
     assert time.monotonic() - started < 45 + 60
 
 
+def test_a_hub_whose_name_does_not_resolve_is_one_line_without_retries(tmp_path):
+    """No network (or DNS): huggingface_hub retried each request five times with pauses, 25 s
+    before the line. A name that does not resolve now stops every later request, as a hub
+    that does not answer does. ".invalid" never resolves (RFC 6761), with a network or not."""
+    code = ("from hsd_jax import data\n"
+            "try:\n    data.load_dataset_pairs('xsum', 'validation', file_flag='--eval-file')\n"
+            "except Exception as err:\n    print(type(err).__name__, err)\n")
+    env = {**os.environ, **{k: v for k, v in hub_env("https://hub.invalid", tmp_path).items() if v},
+           "PYTHONPATH": str(REPO)}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert result.stdout.startswith("HsdError"), result.stdout + result.stderr
+    assert "(https://hub.invalid) could not be found (its name did not resolve" in result.stdout
+    assert "HF_HUB_OFFLINE=1" in result.stdout and "--eval-file" in result.stdout
+    assert "Retry" not in result.stderr, result.stderr  # "Retrying in 1s [Retry 1/5]" ... before
+
+
 def test_an_interrupt_before_anything_was_decoded_does_not_claim_printed_rows(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
