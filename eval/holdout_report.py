@@ -50,15 +50,7 @@ def _predictions(run: Path, row: dict, sources: list[str]) -> list[str]:
 LONG = 4  # "long" sources have this many words or more: the blind test's sets average 4.50, dev's 3.76
 
 
-def _results(run: Path) -> dict:
-    for name in ("results.json", "manifest.json"):
-        if (run / name).is_file():
-            return json.loads((run / name).read_text())
-    raise SystemExit(f"holdout_report.py: {run} holds neither results.json nor manifest.json: "
-                     "give a folder hsd-jax eval wrote")
-
-
-def run_split(results: dict, dataset: str | None, split: str | None) -> tuple[str, str]:
+def run_split(results: dict, dataset: str, split: str) -> tuple[str, str]:
     """(dataset, split) a run decoded: from its settings ("common_gen/validation:selection"),
     else the flags."""
     recorded = results.get("settings", {}).get("dataset", "")
@@ -140,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="its split, whole or a half (default: validation; each line's source is checked)")
     p.add_argument("--output", type=Path, help="also write the tables to this Markdown file")
     args = p.parse_args(argv)
-    for run in args.runs:  # before any data is loaded
-        if not any((run / name).is_file() for name in ("results.json", "manifest.json")):
+    runs = {}  # run -> its results.json (or a blind run's manifest.json), read before any data is loaded
+    for run in args.runs:
+        found = next((run / name for name in ("results.json", "manifest.json") if (run / name).is_file()), None)
+        if found is None:
             p.error(f"{run} holds neither results.json nor manifest.json: give a folder hsd-jax eval wrote")
+        runs[run] = json.loads(found.read_text())
 
     from hsd_jax.data import load_dataset_pairs
     from hsd_jax.errors import HsdError
@@ -151,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = {}
     tables, summary = [], []
-    for run in args.runs:
-        results = _results(run)
+    for run, results in runs.items():
         key = run_split(results, args.dataset, args.split)
         if key not in loaded:
             try:

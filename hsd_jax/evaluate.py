@@ -28,8 +28,8 @@ from hsd_jax.errors import HsdError
 from hsd_jax.generate import generate_batched
 from hsd_jax.io import write_json, write_jsonl, write_text
 from hsd_jax.metrics import BertScorer, all_metrics
-from hsd_jax.plots import plot_quality_vs_layers
 from hsd_jax.models.modules import LanguageModel
+from hsd_jax.plots import plot_quality_vs_layers
 from hsd_jax.schedules import expand_groups, resolve
 
 METRICS = ("R-1", "R-2", "R-L", "BLEU-1", "BERTScore")

@@ -288,3 +288,18 @@ def test_trained_commongen_model(batch):
             g = generate(lm, prompts=chunk, max_new_tokens=30, draft=draft, num_draft_tokens=k, pad_to_multiple_of=16)
             assert g.sequences == ref.sequences and g.texts == ref.texts, (draft, k)
             check_counts(g, k)
+
+
+def test_the_strategy_takes_numpy_integers_and_refuses_other_numbers():
+    """SpeculativeSteps checks its own k with errors.positive_int, as generate does."""
+    import numpy as np
+
+    from hsd_jax.schedules import resolve
+    from hsd_jax.speculative import SpeculativeSteps
+
+    draft = resolve("hsd:s=1,min=0,max=2", num_layers=4, max_new_tokens=8)
+    steps = SpeculativeSteps(draft, np.int64(3))
+    assert steps.num_draft_tokens == 3 and type(steps.num_draft_tokens) is int
+    for bad in (0, True, 2.0):
+        with pytest.raises(HsdError, match="num_draft_tokens must be a positive integer"):
+            SpeculativeSteps(draft, bad)
