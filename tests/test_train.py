@@ -262,6 +262,10 @@ def test_random_init_bf16_trains_and_exports(tiny, pairs_file, tmp_path):
                    "--output", out) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and np.isfinite(log[-1]["eval_loss"])
+    # what the validation loss is on: run.json and the log line say (a resume may change it)
+    source = f"{Path(pairs_file).resolve()}, first 8 pairs"
+    assert json.loads((out / "run.json").read_text())["validation"] == {"data": source, "pairs": 8, "every": 0}
+    assert log[-1]["eval_data"] == source and "eval_data" not in log[0]
     assert abs(log[0]["loss"] - np.log(50257)) < 0.5  # random weights start near uniform
     hf = json.loads((out / "config.json").read_text())
     assert (hf["model_type"], hf["n_layer"], hf["n_embd"], hf["vocab_size"]) == ("gpt2", 2, 32, 50257)

@@ -180,3 +180,15 @@ def test_batches_resume_where_they_stopped():
             assert all(np.array_equal(a[k], b[k]) for k in a)
     epoch = [b["tokens"][b["attention_mask"][:, 0]] for _, b in whole[:3]]
     assert sorted(map(tuple, (t[t > 0] for rows in epoch for t in rows))) == sorted(map(tuple, tokens))
+
+
+def test_the_validation_source_names_the_split_or_the_file_and_the_limit(tmp_path):
+    from hsd_jax.train.batches import validation_source
+
+    cfg = TrainConfig(model="m", output="o", dataset="common_gen", eval_split="validation:selection")
+    assert validation_source(cfg) == "common_gen (validation:selection)"
+    limited = dataclasses.replace(cfg, eval_limit=40)
+    assert validation_source(limited) == "common_gen (validation:selection), first 40 pairs"
+    in_file = TrainConfig(model="m", output="o", train_file="t.jsonl", eval_file=str(tmp_path / "v.jsonl"))
+    assert validation_source(in_file) == str(tmp_path.resolve() / "v.jsonl")
+    assert validation_source(TrainConfig(model="m", output="o", dataset="common_gen")) is None

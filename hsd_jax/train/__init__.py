@@ -55,7 +55,7 @@ from hsd_jax import distributed
 from hsd_jax.io import write_json
 from hsd_jax.progress import progress
 from hsd_jax.train.batches import (_add_skip_schedule, _batches, _model_and_data, draw_schedule, skip_aware_active,
-                                   skip_aware_schedules)
+                                   skip_aware_schedules, validation_source)
 from hsd_jax.train.model import BPE_PREFIX, GPT2_PRESETS, random_gpt2
 from hsd_jax.train.objective import (_compiled, _devices, _initial_state, batch_sharding, make_optimizer, make_steps,
                                      token_nll, warmup_length)
@@ -236,6 +236,8 @@ def _setup(cfg: TrainConfig, out: Path, previous: dict | None) -> _Run | TrainRe
               "data_fingerprint": fingerprint, "base_weights": base_weights,
               "train_pairs": len(train_data), "steps_per_epoch": spe, "schedule_steps": total,
               "devices": len(devices), "trainable_params": int(num_trainable)}
+    if eval_data is not None:  # this start's; a resume may change it, so each validation log line names its own
+        record["validation"] = {"data": validation_source(cfg), "pairs": len(eval_data), "every": cfg.eval_every}
     if lead:
         write_json(out / RUN_FILE, record)
         _trim_log(out / LOG_FILE, start)
@@ -328,6 +330,7 @@ class _StepLog:
         self.learning_rates[step] = record["lr"]
         if eval_loss is not None:
             self.eval_losses[step] = record["eval_loss"] = eval_loss
+            record["eval_data"] = self.run.record["validation"]["data"]
         # Tokens/s over the steps since the last log line: the bar shows it at every step (a step
         # between log lines has a rate too, and it is not 0), the log line when one is written.
         rate = self.tokens_since / max(now - self.t_last, 1e-9)

@@ -15,6 +15,7 @@ it against the compiled decoder).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,18 @@ def _train_pairs(cfg: TrainConfig):
     else:
         pairs = data_lib.load_dataset_pairs(cfg.dataset, cfg.split)
     return pairs[: cfg.limit] if cfg.limit else pairs
+
+
+def validation_source(cfg: TrainConfig) -> str | None:
+    """What the periodic validation loss is computed on, as run.json and each validation
+    log line name it: the file, or the dataset and split, and any --eval-limit; None without."""
+    if cfg.eval_file:
+        name = str(Path(cfg.eval_file).resolve())
+    elif cfg.eval_split:
+        name = f"{cfg.dataset} ({cfg.eval_split})"
+    else:
+        return None
+    return f"{name}, first {cfg.eval_limit} pairs" if cfg.eval_limit else name
 
 
 def _eval_pairs(cfg: TrainConfig):
