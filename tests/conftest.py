@@ -117,6 +117,43 @@ def model_dir(request, gpt2_dir, phi_dir):
     return {"gpt2": gpt2_dir, "phi": phi_dir}[request.param]
 
 
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """2 layers with the real GPT-2 tokenizer: the smallest model the CLI can decode text with."""
+    folder = tmp_path_factory.mktemp("text_model")
+    make_gpt2(folder, layers=2, vocab=50257, tokenizer=True)
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the command gets as far as loading the model."""
+    import hsd_jax
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(hsd_jax, "load", load)
+
+
+def run_cli(argv) -> int:
+    """`hsd-jax ARGV` in this process, with a KeyboardInterrupt that escapes it turned into a
+    test failure (pytest would otherwise stop the whole session)."""
+    from hsd_jax import cli
+
+    try:
+        return cli.main([str(a) for a in argv])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped hsd-jax")
+
+
+def one_line(capsys) -> str:
+    """What the command wrote to stderr, checked to be one line."""
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
 def left_padded(rows: list[list[int]], pad: int = 0):
     """Left-pads token lists into (ids, mask) numpy arrays."""
     width = max(len(r) for r in rows)

@@ -22,10 +22,9 @@ import pytest
 
 import hsd_jax
 from hsd_jax import io
-from hsd_jax.cli import main
 from hsd_jax.commands.generate import read_prompts
 from hsd_jax.errors import HsdError
-from tests.conftest import make_gpt2
+from tests.conftest import make_gpt2, run_cli
 
 gen = importlib.import_module("hsd_jax.generate")  # the module; `hsd_jax.generate` is the function
 
@@ -54,26 +53,8 @@ def prompt_file(tmp_path):
     return src
 
 
-def run_cli(argv) -> int:
-    """`main`, with a KeyboardInterrupt that escapes it turned into a test failure
-    (pytest would otherwise stop the whole session)."""
-    try:
-        return main([str(a) for a in argv])
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped hsd-jax")
-
-
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fails the test if the command gets as far as loading the model."""
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(hsd_jax, "load", load)
 
 
 # --- rows saved as batches finish, Ctrl-C, --resume ---------------------------------------

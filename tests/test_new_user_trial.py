@@ -22,18 +22,15 @@ import pytest
 import hsd_jax
 from hsd_jax import cli, data, io
 from hsd_jax.errors import HsdError
-from tests.conftest import make_gpt2
+from tests.conftest import one_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["one", "two words", "three little words", "four"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """2 layers with the real GPT-2 tokenizer: the smallest model the CLI can decode text with."""
-    folder = tmp_path_factory.mktemp("tiny2")
-    make_gpt2(folder, layers=2, vocab=50257, tokenizer=True)
-    return folder
+def model(text_model_dir):
+    return text_model_dir
 
 
 @pytest.fixture
@@ -41,27 +38,6 @@ def prompt_file(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(PROMPTS) + "\n")
     return src
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(hsd_jax, "load", load)
-
-
-def run_cli(argv) -> int:
-    try:
-        return cli.main([str(a) for a in argv])
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped hsd-jax")
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err
-    return err
 
 
 def spawn(*argv, cwd: Path, **popen) -> subprocess.Popen:
