@@ -1,0 +1,58 @@
+"""eval/draft_agreement.py: the teacher-forced k = 1 draft agreement, split by the full model's
+confidence (issue 37's question whether CommonGen's drafts are limited by the draft)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_gpt2
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("draft_agreement",
+                                                  Path(__file__).parents[1] / "eval" / "draft_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory):
+    """A 4-layer random model, its stacked copy, and greedy continuations of five prompts."""
+    import hsd_jax
+    from hsd_jax.generate import generate_batched
+
+    folder = tmp_path_factory.mktemp("agreement_model")
+    make_gpt2(folder, layers=4)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 120, n).tolist() for n in (3, 7, 5, 9, 4)]
+    continuations = generate_batched(hsd_jax.load(folder, tokenizer=False, layout="decode"), prompts,
+                                     batch_size=2, max_new_tokens=12).sequences
+    return hsd_jax.load(folder, tokenizer=False), prompts, continuations
+
+
+def test_a_draft_of_every_layer_agrees_everywhere(script, decoded):
+    lm, prompts, continuations = decoded
+    probs, agree, reproduced = script.agreement(lm, prompts, continuations, np.ones((12, 4), bool), batch_size=2)
+    assert reproduced == 1.0  # the teacher-forced pass picks the tokens greedy decoding made
+    assert len(probs) == sum(len(c) - 1 for c in continuations)  # the prefill's token is not drafted
+    assert agree.all()
+    assert ((probs > 0) & (probs <= 1)).all()
+
+
+def test_a_skipping_draft_disagrees_somewhere_and_the_bins_hold_every_position(script, decoded):
+    from hsd_jax.schedules import schedule
+
+    lm, prompts, continuations = decoded
+    mask = schedule("hsd:s=2,min=0,max=1,T=12", num_layers=4, max_new_tokens=12).mask
+    probs, agree, reproduced = script.agreement(lm, prompts, continuations, mask, batch_size=2)
+    assert reproduced == 1.0
+    assert 0 < agree.mean() < 1
+    summary = script.summary(probs, agree)
+    assert sum(b["positions"] for b in summary["bins"]) == summary["positions"] == len(probs)
+    assert summary["agreement"] == pytest.approx(agree.mean())
+    table = script.table([{"draft": "hsd:s=2,min=0,max=1,T=12", **summary, "full_argmax_is_greedy_token": reproduced}])
+    assert table.count("\n") == 3
