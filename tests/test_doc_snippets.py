@@ -92,6 +92,10 @@ NOT_RUN: dict[str, str] = {
     # docs/holdout.md: issue 37's candidate, step by step
     "hsd-jax eval --model runs/cg/plain *": "decodes CommonGen dev's selection half with the rebuilt plain model",
     "python eval/holdout_report.py runs/cg/*": "rescoring the runs of the steps above",
+    # eval/results/commongen_views/README.md: the candidate's selection-half figures
+    "python eval/holdout_report.py eval/results/commongen_views/*": "rescores the committed selection-half runs",
+    "python eval/draft_agreement.py *": "decodes CommonGen dev's selection half with the candidate; "
+        "tests/test_draft_agreement.py measures a tiny model",
     # eval/results/demo_skip_aware_views/README.md
     "hsd-jax train --model D/plain/model *": "fine-tunes a finished demo's plain model (D) for minutes; "
         "tests/test_draft_training.py trains --skip-aware-view draft and both on a tiny model",
