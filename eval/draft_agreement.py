@@ -10,7 +10,9 @@ teacher-forced pass over prompt + continuation gives, at every generated positio
 model's logits and the draft's (`models.draft_forward`: each position under the schedule
 over the full model's K/V of the earlier positions, what `generate(draft=...)` computes at
 k = 1). A position agrees when the two argmaxes are equal; it is binned by the full model's
-probability of its own argmax. The first generated token comes from the prefill and is not
+probability of its own argmax. Beside it, the overlap sum_x min(p(x), q(x)) of the two
+distributions: the chance that speculative *sampling* at temperature 1 accepts the draft's
+token there, which credits a draft whose distribution matches where its argmax does not. The first generated token comes from the prefill and is not
 drafted, so it is left out. The overall agreement approximates `speculative_acceptance.py`'s
 k = 1 acceptance (that one drafts only every round's first position). Writes agreement.json
 and agreement.md into --output (atomically).
@@ -30,9 +32,10 @@ BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0 + 1e-9)  # the full model's top-1 probabili
 
 
 def agreement(lm, prompts: list[list[int]], continuations: list[list[int]], mask: np.ndarray,
-              batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
+              batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(the full model's top-1 probability, whether the draft's argmax equals the full
-    model's) at every drafted position of every input, concatenated; and the share of those
+    model's, the two distributions' overlap) at every drafted position of every input,
+    concatenated; and the share of those
     positions where the teacher-forced full argmax is the greedy token decoded there (a
     check that the pass reproduces decoding: float sums may flip a near tie)."""
     import jax
@@ -44,9 +47,10 @@ def agreement(lm, prompts: list[list[int]], continuations: list[list[int]], mask
     @jax.jit
     def both(params, tokens, attention, active):
         full, draft = draft_forward(params, lm.config, tokens, attention, active)
-        return jax.nn.softmax(full).max(-1), full.argmax(-1), draft.argmax(-1)
+        p, q = jax.nn.softmax(full), jax.nn.softmax(draft)
+        return p.max(-1), full.argmax(-1), draft.argmax(-1), jnp.minimum(p, q).sum(-1)
 
-    probs, agree, same = [], [], []
+    probs, agree, overlap, same = [], [], [], []
     width = max(len(p) + len(c) for p, c in zip(prompts, continuations))
     width = -(-width // 8) * 8  # one compiled shape for every batch
     L = lm.config.num_layers
@@ -61,33 +65,35 @@ def agreement(lm, prompts: list[list[int]], continuations: list[list[int]], mask
             attention[b, :len(p) + len(c)] = True
             targets[b, len(p):len(p) + len(c)] = True
         active = skip_aware_active(mask, targets, L)
-        top, full_arg, draft_arg = (np.asarray(x) for x in both(lm.params, tokens, attention, active))
+        top, full_arg, draft_arg, shared = (np.asarray(x) for x in both(lm.params, tokens, attention, active))
         for b, (p, c) in enumerate(rows[: min(batch_size, len(prompts) - start)]):
             # position i holds continuation token j = i - len(p) and predicts token j + 1
             pos = np.arange(len(p), len(p) + len(c) - 1)
             probs.append(top[b, pos])
             agree.append(full_arg[b, pos] == draft_arg[b, pos])
+            overlap.append(shared[b, pos])
             same.append(full_arg[b, pos] == np.asarray(c[1:]))
-    return np.concatenate(probs), np.concatenate(agree), float(np.concatenate(same).mean())
+    return (np.concatenate(probs), np.concatenate(agree), np.concatenate(overlap),
+            float(np.concatenate(same).mean()))
 
 
-def summary(probs: np.ndarray, agree: np.ndarray) -> dict:
+def summary(probs: np.ndarray, agree: np.ndarray, overlap: np.ndarray) -> dict:
     bins = []
     for lo, hi in zip(BINS[:-1], BINS[1:]):
         sel = (probs >= lo) & (probs < hi)
         bins.append({"low": lo, "high": min(hi, 1.0), "positions": int(sel.sum()),
                      "share": float(sel.mean()), "agreement": float(agree[sel].mean()) if sel.any() else None})
-    return {"positions": int(len(probs)), "agreement": float(agree.mean()),
+    return {"positions": int(len(probs)), "agreement": float(agree.mean()), "overlap": float(overlap.mean()),
             "mean_full_top1": float(probs.mean()), "bins": bins}
 
 
 def table(rows: list[dict]) -> str:
-    head = ["draft", "positions", "full pass = greedy", "agreement", "mean top-1 p"] + \
+    head = ["draft", "positions", "full pass = greedy", "agreement", "overlap", "mean top-1 p"] + \
         [f"p in [{lo:.1f}, {min(hi, 1.0):.1f}]: share, agreement" for lo, hi in zip(BINS[:-1], BINS[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['draft']}`", str(r["positions"]), f"{100 * r['full_argmax_is_greedy_token']:.1f}%",
-                 f"{100 * r['agreement']:.1f}%",
+                 f"{100 * r['agreement']:.1f}%", f"{100 * r['overlap']:.1f}%",
                  f"{r['mean_full_top1']:.2f}"]
         cells += [f"{100 * b['share']:.0f}%, " + ("-" if b["agreement"] is None else f"{100 * b['agreement']:.0f}%")
                   for b in r["bins"]]
@@ -124,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in args.drafts:
         mask = schedule(spec, num_layers=lm.config.num_layers, max_new_tokens=args.max_new_tokens).mask
-        probs, agree, reproduced = agreement(lm, prompts, continuations, mask)
-        rows.append({"draft": spec, **summary(probs, agree), "full_argmax_is_greedy_token": reproduced})
+        probs, agree, overlap, reproduced = agreement(lm, prompts, continuations, mask)
+        rows.append({"draft": spec, **summary(probs, agree, overlap), "full_argmax_is_greedy_token": reproduced})
         args.output.mkdir(parents=True, exist_ok=True)
         write_json(args.output / "agreement.json", {"model": str(args.model), "dataset": args.dataset,
                                                     "split": args.split, "num_inputs": len(sources),

@@ -36,10 +36,12 @@ def decoded(tmp_path_factory):
 
 def test_a_draft_of_every_layer_agrees_everywhere(script, decoded):
     lm, prompts, continuations = decoded
-    probs, agree, reproduced = script.agreement(lm, prompts, continuations, np.ones((12, 4), bool), batch_size=2)
+    probs, agree, overlap, reproduced = script.agreement(lm, prompts, continuations, np.ones((12, 4), bool),
+                                                         batch_size=2)
     assert reproduced == 1.0  # the teacher-forced pass picks the tokens greedy decoding made
     assert len(probs) == sum(len(c) - 1 for c in continuations)  # the prefill's token is not drafted
     assert agree.all()
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-5)  # the same distribution
     assert ((probs > 0) & (probs <= 1)).all()
 
 
@@ -48,10 +50,11 @@ def test_a_skipping_draft_disagrees_somewhere_and_the_bins_hold_every_position(s
 
     lm, prompts, continuations = decoded
     mask = schedule("hsd:s=2,min=0,max=1,T=12", num_layers=4, max_new_tokens=12).mask
-    probs, agree, reproduced = script.agreement(lm, prompts, continuations, mask, batch_size=2)
+    probs, agree, overlap, reproduced = script.agreement(lm, prompts, continuations, mask, batch_size=2)
     assert reproduced == 1.0
     assert 0 < agree.mean() < 1
-    summary = script.summary(probs, agree)
+    assert ((overlap > 0) & (overlap < 1)).all()
+    summary = script.summary(probs, agree, overlap)
     assert sum(b["positions"] for b in summary["bins"]) == summary["positions"] == len(probs)
     assert summary["agreement"] == pytest.approx(agree.mean())
     table = script.table([{"draft": "hsd:s=2,min=0,max=1,T=12", **summary, "full_argmax_is_greedy_token": reproduced}])
