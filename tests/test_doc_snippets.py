@@ -96,6 +96,9 @@ NOT_RUN: dict[str, str] = {
     "python eval/holdout_report.py eval/results/commongen_views/*": "rescores the committed selection-half runs",
     "python eval/draft_agreement.py *": "decodes CommonGen dev's selection half with the candidate; "
         "tests/test_draft_agreement.py measures a tiny model",
+    "python eval/interpolate_weights.py --base runs/cg/plain *": "mixes the CommonGen runs' weights; "
+        "tests/test_interpolate_weights.py mixes two tiny models",
+    "hsd-jax eval --model runs/cg/wise-0.1 *": "decodes CommonGen dev's selection half with the mixed model",
     # eval/results/demo_skip_aware_views/README.md
     "hsd-jax train --model D/plain/model *": "fine-tunes a finished demo's plain model (D) for minutes; "
         "tests/test_draft_training.py trains --skip-aware-view draft and both on a tiny model",
