@@ -28,6 +28,16 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(),
                                        reason="no shared data folder (set HSD_DATA_DIR or add ../shared/data)")
 
 
+def eval_script(name: str):
+    """A script of eval/ (not a package) imported as a module, e.g. eval_script("score_blind")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def randomise_norms(model, seed: int = 0) -> None:
     """LayerNorm scales and biases away from ones/zeros, so a norm bug changes the logits."""
     import torch

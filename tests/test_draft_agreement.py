@@ -1,22 +1,15 @@
 """eval/draft_agreement.py: the teacher-forced k = 1 draft agreement, split by the full model's
 confidence (issue 37's question whether CommonGen's drafts are limited by the draft)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.conftest import make_gpt2
+from tests.conftest import eval_script, make_gpt2
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("draft_agreement",
-                                                  Path(__file__).parents[1] / "eval" / "draft_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("draft_agreement")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hsd_jax import evaluate as evaluate_lib
 from hsd_jax.cli import main
 from hsd_jax.evaluate import group_references
 from hsd_jax.schedules import paper_specs
-from tests.conftest import make_gpt2
+from tests.conftest import eval_script, make_gpt2
 
 ROWS = [("dog frisbee catch", "The dog catches the frisbee."), ("dog frisbee catch", "A dog jumps for a frisbee."),
         ("cat mat sit", "A cat sits on the mat."), ("sun beach walk", "We walk on the beach in the sun.")]
@@ -264,8 +264,6 @@ def test_commongen_test_inputs_become_training_style_sources(tmp_path, monkeypat
 
 def test_a_blind_run_scored_later_matches_the_scored_run(model, dev, tmp_path):
     """eval/score_blind.py turns a blind run into the scored run's results, once references exist."""
-    import importlib.util
-
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("".join(json.dumps({"source": s}) + "\n" for s in dict.fromkeys(s for s, _ in ROWS)))
     blind, scored, rescored = tmp_path / "blind", tmp_path / "scored", tmp_path / "rescored"
@@ -273,9 +271,7 @@ def test_a_blind_run_scored_later_matches_the_scored_run(model, dev, tmp_path):
     assert main(["eval", "--model", str(model), "--eval-file", str(inputs), "--blind", "--schedules", *schedules,
                  "--num-beams", "2", "--max-new-tokens", "6", "--batch-size", "2", "--output", str(blind)]) == 0
     assert run_eval(model, dev, scored, schedules=schedules) == 0
-    spec = importlib.util.spec_from_file_location("score_blind", Path(__file__).parents[1] / "eval/score_blind.py")
-    score_blind = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score_blind)
+    score_blind = eval_script("score_blind")
     assert score_blind.main([str(blind), "--eval-file", str(dev), "--output", str(rescored)]) == 0
     want = json.loads((scored / "results.json").read_text())["rows"]
     got = json.loads((rescored / "results.json").read_text())["rows"]

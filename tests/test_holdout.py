@@ -8,7 +8,7 @@ import pytest
 
 from hsd_jax import data
 from hsd_jax.errors import HsdError
-from tests.conftest import needs_shared_data
+from tests.conftest import eval_script, needs_shared_data
 
 
 def test_half_is_the_first_bit_of_the_sorted_words_hash():
@@ -75,9 +75,6 @@ def test_hub_concept_lists_fall_in_the_same_half():
 
 
 def test_holdout_report_scores_each_half_against_its_own_vanilla(tmp_path, monkeypatch, capsys):
-    import importlib.util
-    from pathlib import Path
-
     root = tmp_path / "data"
     (root / "commongen").mkdir(parents=True)
     sets = [f"c{i} d{i} e{i}" + (" f" if i % 3 == 0 else "") for i in range(40)]
@@ -100,9 +97,7 @@ def test_holdout_report_scores_each_half_against_its_own_vanilla(tmp_path, monke
     write("vanilla", good)
     write(rows[1]["spec"], good)
     write(rows[2]["spec"], [g if data.holdout_half(s) == "selection" else "nothing" for s, g in zip(sets, good)])
-    spec = importlib.util.spec_from_file_location("holdout_report", Path(__file__).parents[1] / "eval" / "holdout_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = eval_script("holdout_report")
     assert module.main([str(run), "--output", str(tmp_path / "out.md")]) == 0
     table = (tmp_path / "out.md").read_text()
     same = next(line for line in table.splitlines() if line.startswith("| Same"))
@@ -125,9 +120,6 @@ def test_holdout_report_scores_each_half_against_its_own_vanilla(tmp_path, monke
 def test_holdout_report_reads_a_run_on_one_half(tmp_path, monkeypatch):
     """A candidate decoded on the selection half only (`--split validation:selection`): its
     split comes from the run's settings, and its choosing line gives the paper's HSD rows."""
-    import importlib.util
-    from pathlib import Path
-
     from hsd_jax.evaluate import _predictions_path
     from hsd_jax.schedules import paper_specs
 
@@ -153,9 +145,7 @@ def test_holdout_report_reads_a_run_on_one_half(tmp_path, monkeypatch):
     for spec, by_source in predictions.items():
         lines = [json.dumps({"source": s, "prediction": by_source[s], "references": []}) for s in half]
         _predictions_path(run, spec).write_text("\n".join(lines) + "\n")
-    spec = importlib.util.spec_from_file_location("holdout_report", Path(__file__).parents[1] / "eval" / "holdout_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = eval_script("holdout_report")
     assert module.main([str(run), "--output", str(tmp_path / "out.md")]) == 0
     table = (tmp_path / "out.md").read_text()
     assert f"| selection ({len(half)}) |" in table and "report (" not in table

@@ -1,22 +1,15 @@
 """eval/interpolate_weights.py: a fine-tune mixed back towards its base (issue 37's probe of
 the schedule-aware fine-tune's cost to vanilla)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.conftest import make_gpt2
+from tests.conftest import eval_script, make_gpt2
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("interpolate_weights",
-                                                  Path(__file__).parents[1] / "eval" / "interpolate_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return eval_script("interpolate_weights")
 
 
 @pytest.fixture(scope="module")

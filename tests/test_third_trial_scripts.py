@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_gpt2
+from tests.conftest import eval_script, make_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_HERE = {"eval/bench_gpu.sh"}  # checked with the GPU benchmark's own tests
@@ -225,10 +224,7 @@ def test_relative_paths_are_from_where_the_command_was_given(stub, folders, tmp_
 
 @pytest.fixture(scope="module")
 def score_blind():
-    spec = importlib.util.spec_from_file_location("score_blind", ROOT / "eval" / "score_blind.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return eval_script("score_blind").main
 
 
 def test_score_blind_on_the_withheld_test_split_says_so_in_one_line(score_blind, tmp_path, capsys):
