@@ -124,6 +124,7 @@ def folders(tmp_path):
 # eval/commongen_small.sh -> hsd-jax).
 ARGS = {
     "train/commongen_finetune.sh": ["{model}", "{out}", "joint"],
+    "train/commongen_onpolicy_proxy.sh": ["{model}", "{out}", "3"],
     "train/commongen_reproduce.sh": ["{out}", "--control"],
     "train/commongen_schedule_aware_ft.sh": ["{model}", "{out}"],
     "train/commongen_skip_aware.sh": ["{out}"],
@@ -135,6 +136,8 @@ ARGS = {
     "eval/commongen_small.sh": ["{model}", "{out}"],
     "eval/commongen_test.sh": ["{model}", "{out}", "--limit", "5"],
 }
+# Files a script finds in OUT from an earlier run, so that it reaches hsd-jax without CommonGen.
+PREPARED = {"train/commongen_onpolicy_proxy.sh": {"train_sources.jsonl": '{"source": "dog frisbee throw"}\n'}}
 
 
 def test_every_shell_script_has_a_signal_case():
@@ -145,6 +148,9 @@ def start_and_signal(script, folders, stub, tmp_path, sig):
     """Starts the script, waits for the stub hsd-jax to run, signals the script alone; returns
     the script's exit status and the stub's arguments, once the stub is gone."""
     env = {**stub["env"], "STUB_SLEEP": "600", "OUT": folders["out"]}  # OUT: gpt2_large_full.sh's and phi2_lora.sh's
+    for name, text in PREPARED.get(script, {}).items():
+        Path(folders["out"]).mkdir(exist_ok=True)
+        (Path(folders["out"]) / name).write_text(text)
     proc = subprocess.Popen(command(script, *(a.format(**folders) for a in ARGS[script])), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pid_file, child = stub["state"] / "pid", None
