@@ -94,6 +94,8 @@ NOT_RUN: dict[str, str] = {
     "python eval/holdout_report.py runs/cg/*": "rescoring the runs of the steps above",
     # eval/results/commongen_views/README.md: the candidate's selection-half figures
     "python eval/holdout_report.py eval/results/commongen_views/*": "rescores the committed selection-half runs",
+    # eval/results/commongen_onpolicy_proxy/README.md
+    "python eval/holdout_report.py eval/results/commongen_onpolicy_proxy/*": "rescores the committed proxy runs",
     "python eval/draft_agreement.py *": "decodes CommonGen dev's selection half with the candidate; "
         "tests/test_draft_agreement.py measures a tiny model",
     "python eval/interpolate_weights.py --base runs/cg/plain *": "mixes the CommonGen runs' weights; "
