@@ -31,6 +31,7 @@ need hsd-jax
 need python
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+NEW_TOKENS=40  # every decode here, as eval/commongen_small.sh's
 
 if [ ! -s "$OUT/train_sources.jsonl" ]; then
   python - "$OUT/train_sources.jsonl" <<'EOF2'
@@ -42,18 +43,18 @@ EOF2
 fi
 echo "== targets: the plain model's greedy continuations" >&2
 run hsd-jax generate --model "$PLAIN" --seq2seq --input-file "$OUT/train_sources.jsonl" --field source \
-  --max-new-tokens 40 --batch-size 64 --output "$OUT/targets.jsonl" --resume > /dev/null
+  --max-new-tokens "$NEW_TOKENS" --batch-size 64 --output "$OUT/targets.jsonl" --resume > /dev/null
 # generate's rows hold the prompt with its separator: pair each continuation with its source
-# again, leaving out those the 40-token limit cut before their EOS.
-python - "$OUT" <<'EOF2'
+# again, leaving out those the token limit cut before their EOS.
+python - "$OUT" "$NEW_TOKENS" <<'EOF2'
 import sys
 from pathlib import Path
 from hsd_jax.io import read_jsonl_rows, write_jsonl
-out = Path(sys.argv[1])
+out, limit = Path(sys.argv[1]), int(sys.argv[2])
 sources, rows = read_jsonl_rows(out / "train_sources.jsonl"), read_jsonl_rows(out / "targets.jsonl")
-pairs = [{"source": s["source"], "target": r["text"]} for s, r in zip(sources, rows, strict=True) if len(r["tokens"]) < 40]
+pairs = [{"source": s["source"], "target": r["text"]} for s, r in zip(sources, rows, strict=True) if len(r["tokens"]) < limit]
 write_jsonl(out / "onpolicy_pairs.jsonl", pairs)
-print(f"{len(pairs)} of {len(rows)} continuations ended within 40 tokens", file=sys.stderr)
+print(f"{len(pairs)} of {len(rows)} continuations ended within {limit} tokens", file=sys.stderr)
 EOF2
 
 # Stage 1 of train/commongen_schedule_aware_ft.sh (commongen_finetune.sh joint), cut at STEPS;
@@ -70,16 +71,16 @@ DRAFTS=(hsd:s=2,min=0,max=1,T=72 hsd:s=2,min=0,max=4,T=72)
 echo "== acceptance at k = 1 on the selection half" >&2
 [ -s "$OUT/acceptance/speculative.json" ] || run python eval/speculative_acceptance.py --models reference="$OUT/reference" onpolicy="$OUT/onpolicy" \
   --drafts "${DRAFTS[@]}" --k 1 --dataset common_gen --split validation:selection \
-  --max-new-tokens 40 --output "$OUT/acceptance"
+  --max-new-tokens "$NEW_TOKENS" --output "$OUT/acceptance"
 for name in reference onpolicy; do
   echo "== $name: dev's selection half" >&2
   run hsd-jax eval --model "$OUT/$name" --dataset common_gen --split validation:selection \
-    --schedules paper paper-hsd-warmup hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --num-beams 4 --max-new-tokens 40 \
+    --schedules paper paper-hsd-warmup hsd:s=2,min=0,max=2,T=72 hsd:s=2,min=0,max=1,T=72 --num-beams 4 --max-new-tokens "$NEW_TOKENS" \
     --batch-size 32 --no-bertscore --predictions-only --resume --output "$OUT/$name-selection" > /dev/null
 done
 echo "== the plain model's vanilla on the selection half" >&2
 run hsd-jax eval --model "$PLAIN" --dataset common_gen --split validation:selection --schedules vanilla \
-  --num-beams 4 --max-new-tokens 40 --batch-size 32 --no-bertscore --predictions-only --resume \
+  --num-beams 4 --max-new-tokens "$NEW_TOKENS" --batch-size 32 --no-bertscore --predictions-only --resume \
   --output "$OUT/plain-selection" > /dev/null
 python eval/holdout_report.py "$OUT/reference-selection" "$OUT/onpolicy-selection" "$OUT/plain-selection" \
   --output "$OUT/holdout.md" > /dev/null
